@@ -1,0 +1,46 @@
+# resolverd: `make run` starts the daemon on the static example, `make test` runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+CONFIG ?= examples/static.yaml
+
+.PHONY: run test lint typecheck unit bench check-config system-deps bench-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/resolverd run -c $(CONFIG)
+
+check-config: $(STAMP)
+	$(BIN)/resolverd check-config $(CONFIG)
+
+# Debian packages the tests drive: dig, kdig.
+system-deps:
+	@.ci/ensure-packages dig:bind9-dnsutils kdig:knot-dnsutils
+
+# The benchmark's peers: dnsperf and dnsmasq.
+bench-deps:
+	@.ci/ensure-packages dnsperf:dnsperf dnsmasq:dnsmasq-base
+
+lint: $(STAMP)
+	$(BIN)/ruff check resolverd tests bench
+	$(BIN)/ruff format --check resolverd tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP) system-deps
+	$(BIN)/pytest -q
+
+test: $(STAMP) system-deps lint typecheck unit
+
+bench: $(STAMP) bench-deps
+	$(BIN)/python bench/dnsbench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

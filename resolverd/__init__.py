@@ -1,0 +1,3 @@
+"""resolverd: a service-discovery DNS sidecar."""
+
+__version__ = "0.1.0"

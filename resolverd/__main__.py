@@ -1,0 +1,3 @@
+from resolverd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,895 @@
+"""Typed configuration: YAML in, frozen dataclasses out, every mistake located.
+
+This is the only module that reads resolverd's YAML. `load_config` parses the
+file (rejecting duplicate keys, which PyYAML would otherwise drop silently) and
+`parse_config` walks the mapping with small helpers that each know their key
+path, so the first problem found becomes a `ConfigError` naming the file, the
+key and the reason (``static.yaml: service_discovery.load_balancer.algoritm:
+unknown key``). It accepts the seed's single-provider ``service_discovery``
+block as well as a ``providers`` list, rejects unknown keys everywhere, and
+returns frozen dataclasses that the daemon, providers, balancing and DNS layers
+use without checking them again.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from ipaddress import IPv6Address
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import yaml
+
+from resolverd.model import Health, Instance, is_dns_label, parse_ip
+
+__all__ = [
+    "Algorithm",
+    "BalancePolicy",
+    "Config",
+    "ConfigError",
+    "DnsConfig",
+    "HealthCheckConfig",
+    "Location",
+    "LogConfig",
+    "ProviderConfig",
+    "SoaConfig",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+    "parse_hostport",
+]
+
+
+class ConfigError(Exception):
+    """A config problem located by file and key path.
+
+    ``str(err)`` is the full located message, e.g.
+    ``static.yaml: service_discovery.static_services[1].port: 70000 is not a port (1-65535)``.
+    ``file`` is the path as given (the message shows its basename), ``path`` the
+    key path (or ``line N, column M`` for YAML syntax errors, empty when the
+    problem concerns the whole file) and ``reason`` the bare explanation.
+    """
+
+    file: str
+    path: str
+    reason: str
+
+    def __init__(self, file: str, path: str, reason: str) -> None:
+        self.file = file
+        self.path = path
+        self.reason = reason
+        name = os.path.basename(file) or file
+        super().__init__(f"{name}: {path}: {reason}" if path else f"{name}: {reason}")
+
+
+# --------------------------------------------------------------------------- the typed config
+
+
+class Algorithm(StrEnum):
+    ROUND_ROBIN = "round_robin"
+    LEAST_CONNECTIONS = "least_connections"
+    WEIGHTED = "weighted"
+    IP_HASH = "ip_hash"
+    GEO_LOCATION = "geo_location"
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    latitude: float  # -90..90
+    longitude: float  # -180..180
+
+
+@dataclass(frozen=True, slots=True)
+class BalancePolicy:
+    """The seed's ``load_balancer`` block, and each ``load_balancing.strategies`` entry."""
+
+    algorithm: Algorithm = Algorithm.ROUND_ROBIN
+    health_check_enabled: bool = True
+    sticky_session: bool = False
+    session_key: str | None = None
+    fallback: Algorithm = Algorithm.ROUND_ROBIN  # geo_location without a client location
+    sticky_ttl: float = 1800.0  # seconds
+    sticky_max_entries: int = 10000
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    # Off unless asked: the seed's example addresses (10.0.1.x) must never be probed.
+    enabled: bool = False
+    interval: float = 10.0
+    timeout: float = 5.0
+    path: str = "/health"
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    type: str  # "static" | "consul" | "etcd" | "kubernetes"
+    name: str  # unique; defaults to the type, then "<type>-2", "<type>-3" ...
+    options: Mapping[str, object] = field(hash=False)  # validated, read-only
+    static_services: tuple[Instance, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SoaConfig:
+    mname: str | None = None  # absolute (trailing dot); None: ns.dns.<domain>.
+    rname: str | None = None  # absolute (trailing dot); None: hostmaster.<domain>.
+    refresh: int = 3600
+    retry: int = 600
+    expire: int = 86400
+    minimum: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    listen_udp: tuple[tuple[str, int], ...] = (("127.0.0.1", 53),)
+    listen_tcp: tuple[tuple[str, int], ...] = (("127.0.0.1", 53),)
+    domains: tuple[str, ...] = ("resolverd.internal",)  # lowercase, no trailing dot
+    ttl: int = 5
+    answer_limit: int = 0  # 0: no limit
+    datacenter: str = "dc1"
+    max_udp_size: int = 1232
+    client_location: Location | None = None
+    soa: SoaConfig = SoaConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"  # debug | info | warning | error
+    format: str = "auto"  # auto | json | console
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    file: str  # the path it was loaded from
+    dns: DnsConfig
+    providers: tuple[ProviderConfig, ...]
+    default_policy: BalancePolicy  # service_discovery.load_balancer
+    policies: Mapping[str, BalancePolicy] = field(hash=False)  # lowercase service -> policy
+    health_check: HealthCheckConfig
+    log: LogConfig = LogConfig()
+
+    def policy_for(self, service: str) -> BalancePolicy:
+        """The service's strategy, or the default policy (names compare case-insensitively)."""
+        return self.policies.get(service.lower().rstrip("."), self.default_policy)
+
+
+# --------------------------------------------------------------------------- public parsers
+
+_DURATION_HINT = "(e.g. 500ms, 10s, 1m, 2h)"
+_NUMBER_RE = re.compile(r"\d+(?:\.\d+)?|\.\d+")
+_DURATION_RE = re.compile(r"(?:(?:\d+(?:\.\d+)?|\.\d+)(?:ms|h|m|s))+")
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|h|m|s)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``500ms``, ``10s``, ``1m``, ``2h``, ``1m30s`` or a number of seconds.
+
+    Raises ValueError whose message is the reason (used after a key path).
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{_describe(value)} is not a duration {_DURATION_HINT}")
+    if isinstance(value, str):
+        text = value.strip()
+        if _NUMBER_RE.fullmatch(text):
+            seconds = float(text)
+        elif _DURATION_RE.fullmatch(text):
+            parts = _DURATION_PART_RE.findall(text)
+            seconds = math.fsum(float(n) * _UNIT_SECONDS[unit] for n, unit in parts)
+        else:
+            raise ValueError(f"{_describe(value)} is not a duration {_DURATION_HINT}")
+    else:
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
+    if not math.isfinite(seconds):
+        raise ValueError(f"{_describe(value)} is not a finite duration")
+    if seconds < 0:
+        raise ValueError(f"{_describe(value)} is a negative duration")
+    return seconds
+
+
+def parse_hostport(text: str, *, default_port: int) -> tuple[str, int]:
+    """``127.0.0.1:5354``, ``[::1]:53``, ``127.0.0.1`` or ``::1`` -> (ip, port).
+
+    The host must be an IP literal (returned in its normal form); port 0 is
+    allowed so tests can bind an ephemeral port. Raises ValueError with the reason.
+    """
+    host, port = _split_hostport(text, default_port=default_port, min_port=0)
+    ip = parse_ip(host)
+    if ip is None:
+        where = repr(text) if host == text else f"host {host!r} in {text!r}"
+        raise ValueError(f"{where} is not an IP address")
+    return str(ip), port
+
+
+def _split_hostport(text: str, *, default_port: int, min_port: int) -> tuple[str, int]:
+    if not text:
+        raise ValueError("'' is not an address")
+    port_text: str | None = None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"{text!r} has no closing ]")
+        host, rest = text[1:end], text[end + 1 :]
+        if not isinstance(parse_ip(host), IPv6Address):
+            raise ValueError(f"{host!r} in {text!r} is not an IPv6 address")
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"{text!r} is not [address]:port")
+            port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:  # no port, or a bare IPv6 address (brackets are needed to add a port)
+        host = text
+    if not host:
+        raise ValueError(f"{text!r} has no host")
+    if port_text is None:
+        return host, default_port
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise ValueError(f"port {port_text!r} in {text!r} is not a number")
+    port = int(port_text)
+    if not min_port <= port <= 65535:
+        raise ValueError(f"port {port} in {text!r} is out of range ({min_port}-65535)")
+    return host, port
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys (a pasted seed has three service_discovery)."""
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[object] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # merged keys may legitimately be overridden
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+            seen.add(key)
+        except TypeError:  # unhashable; construct_mapping reports it
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+    return loader.construct_mapping(node, deep=True)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a YAML config file; any problem is a ConfigError."""
+    file = os.fspath(path)
+    try:
+        with open(file, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise ConfigError(file, "", f"cannot read {file}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.load(raw, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(file, where, exc.problem or exc.context or "invalid YAML") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(file, "", f"invalid YAML: {exc}") from None
+    return parse_config(data, file=file)
+
+
+def parse_config(data: object, *, file: str) -> Config:
+    """Validate an already-loaded mapping; ``file`` names it in errors and Config.file."""
+    try:
+        return _config(data, file)
+    except _Invalid as exc:
+        raise ConfigError(file, exc.path, exc.reason) from None
+
+
+# --------------------------------------------------------------------------- helpers (path-aware)
+
+
+class _Invalid(Exception):
+    """The first problem found, before the file name is known to be attached."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+
+_Parser = Callable[[object, str], object]
+_R = TypeVar("_R", BalancePolicy, HealthCheckConfig, SoaConfig, LogConfig)
+
+
+def _key(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _item(path: str, index: int) -> str:
+    return f"{path}[{index}]"
+
+
+def _describe(value: object) -> str:
+    """The value as the user wrote it (YAML spelling), short."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value if len(value) <= 40 else value[:37] + "...")
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _mapping(value: object, path: str) -> Mapping[object, object]:
+    # A key whose children are all commented out is null: treat it as empty.
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _Invalid(path, f"expected a mapping, got {_describe(value)}")
+    return value
+
+
+def _section(
+    value: object, path: str, keys: Sequence[str] | Mapping[str, object]
+) -> dict[str, Any]:
+    """A mapping whose keys are all known."""
+    mapping = _mapping(value, path)
+    for key in mapping:
+        if not isinstance(key, str) or key not in keys:
+            raise _Invalid(_key(path, str(key)), "unknown key")
+    return {str(k): v for k, v in mapping.items()}
+
+
+def _required(section: Mapping[str, object], path: str, key: str) -> object:
+    if key not in section:
+        raise _Invalid(_key(path, key), "missing required key")
+    return section[key]
+
+
+def _list(value: object, path: str) -> list[object]:
+    if not isinstance(value, list | tuple):
+        raise _Invalid(path, f"expected a list, got {_describe(value)}")
+    return list(value)
+
+
+def _one_or_list(value: object, path: str) -> list[tuple[object, str]]:
+    """A string or a list of them, each with its own key path."""
+    if isinstance(value, str):
+        return [(value, path)]
+    return [(item, _item(path, i)) for i, item in enumerate(_list(value, path))]
+
+
+def _str(value: object, path: str) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(path, f"expected a string, got {_describe(value)}")
+    if not value:
+        raise _Invalid(path, "must not be empty")
+    return value
+
+
+def _opt_str(value: object, path: str) -> str | None:
+    return None if value is None else _str(value, path)
+
+
+def _text(value: object, path: str, *, empty_ok: bool = False) -> str:
+    """A string; YAML numbers (``version: 2``, ``weight: 10``) are taken as their text."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    if empty_ok and value == "":
+        return ""
+    return _str(value, path)
+
+
+def _bool(value: object, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(path, f"expected true or false, got {_describe(value)}")
+    return value
+
+
+def _int(value: object, path: str, *, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(path, f"expected an integer, got {_describe(value)}")
+    if value < lo or (hi is not None and value > hi):
+        bounds = f"{lo}..{hi}" if hi is not None else f"at least {lo}"
+        raise _Invalid(path, f"{value} is out of range ({bounds})")
+    return value
+
+
+def _port(value: object, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(path, f"expected an integer, got {_describe(value)}")
+    if not 1 <= value <= 65535:
+        raise _Invalid(path, f"{value} is not a port (1-65535)")
+    return value
+
+
+def _number(value: object, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _Invalid(path, f"expected a number, got {_describe(value)}")
+    return float(value)
+
+
+def _duration(value: object, path: str) -> float:
+    """A positive duration in seconds."""
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise _Invalid(path, str(exc)) from None
+    if seconds <= 0:
+        raise _Invalid(path, f"{_describe(value)} must be longer than zero")
+    return seconds
+
+
+def _choice(value: object, path: str, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise _Invalid(path, f"{_describe(value)} is not one of {', '.join(choices)}")
+    return value
+
+
+def _algorithm(value: object, path: str) -> Algorithm:
+    return Algorithm(_choice(value, path, [a.value for a in Algorithm]))
+
+
+def _fallback(value: object, path: str) -> Algorithm:
+    # geo_location falls back when it cannot work; it cannot fall back to itself.
+    choices = [a.value for a in Algorithm if a is not Algorithm.GEO_LOCATION]
+    return Algorithm(_choice(value, path, choices))
+
+
+def _label(value: object, path: str) -> str:
+    text = _str(value, path)
+    if not is_dns_label(text):
+        raise _Invalid(path, f"{_describe(text)} is not a DNS label")
+    return text
+
+
+def _is_hostname(name: str) -> bool:
+    # An all-numeric last label would let a mistyped IPv4 address pass as a name.
+    bare = name.removesuffix(".")
+    labels = bare.split(".")
+    return (
+        len(bare) <= 253
+        and all(is_dns_label(label) for label in labels)
+        and not labels[-1].isdigit()
+    )
+
+
+def _domain(value: object, path: str) -> str:
+    """A DNS name, lowercased, without the trailing dot."""
+    text = _str(value, path)
+    if not _is_hostname(text):
+        raise _Invalid(path, f"{_describe(text)} is not a domain name")
+    return text.lower().removesuffix(".")
+
+
+def _opt_absolute_name(value: object, path: str) -> str | None:
+    return None if value is None else _domain(value, path) + "."
+
+
+def _host(value: object, path: str) -> str:
+    """An IP literal or a host name, as written."""
+    text = _str(value, path)
+    if parse_ip(text) is None and not _is_hostname(text):
+        raise _Invalid(path, f"{_describe(text)} is not an IP address or host name")
+    return text
+
+
+def _record(value: object, path: str, base: _R, parsers: Mapping[str, _Parser]) -> _R:
+    """``base`` with the keys present in the mapping parsed and replaced."""
+    section = _section(value, path, parsers)
+    # Any: each parser returns its field's type; the table cannot say so to mypy.
+    changes: dict[str, Any] = {k: parsers[k](raw, _key(path, k)) for k, raw in section.items()}
+    return replace(base, **changes)
+
+
+def _both_or_neither(options: Mapping[str, object], path: str, a: str, b: str) -> None:
+    if (options[a] is None) != (options[b] is None):
+        missing, given = (b, a) if options[b] is None else (a, b)
+        raise _Invalid(_key(path, missing), f"required with {given}")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _config(data: object, file: str) -> Config:
+    top = _section(data, "", ("service_discovery", "load_balancing", "dns", "log"))
+    providers, default_policy, health_check = _service_discovery(
+        _required(top, "", "service_discovery"), "service_discovery"
+    )
+    policies = _load_balancing(top.get("load_balancing"), "load_balancing", default_policy)
+    return Config(
+        file=file,
+        dns=_dns(top.get("dns"), "dns"),
+        providers=providers,
+        default_policy=default_policy,
+        policies=MappingProxyType(policies),
+        health_check=health_check,
+        log=_record(top.get("log"), "log", LogConfig(), _LOG_FIELDS),
+    )
+
+
+def _http_path(value: object, path: str) -> str:
+    text = _str(value, path)
+    if not text.startswith("/"):
+        raise _Invalid(path, f"{_describe(text)} does not start with /")
+    return text
+
+
+_LOG_FIELDS: dict[str, _Parser] = {
+    "level": lambda v, p: _choice(v, p, ("debug", "info", "warning", "error")),
+    "format": lambda v, p: _choice(v, p, ("auto", "json", "console")),
+}
+
+_POLICY_FIELDS: dict[str, _Parser] = {
+    "algorithm": _algorithm,
+    "health_check_enabled": _bool,
+    "sticky_session": _bool,
+    "session_key": _opt_str,
+    "fallback": _fallback,
+    "sticky_ttl": _duration,
+    "sticky_max_entries": lambda v, p: _int(v, p, lo=1),
+}
+
+_HEALTH_CHECK_FIELDS: dict[str, _Parser] = {
+    "enabled": _bool,
+    "interval": _duration,
+    "timeout": _duration,
+    "path": _http_path,
+}
+
+
+# Keys of service_discovery (or of a providers entry) owned by one provider type.
+_PROVIDER_KEYS: dict[str, tuple[str, ...]] = {
+    "consul": ("consul",),
+    "etcd": ("etcd",),
+    "kubernetes": ("namespace", "namespaces", "kubeconfig", "in_cluster", "annotations"),
+    "static": ("static_services",),
+}
+_PROVIDER_TYPES = tuple(_PROVIDER_KEYS)
+_KEY_OWNER = {key: kind for kind, keys in _PROVIDER_KEYS.items() for key in keys}
+
+
+def _service_discovery(
+    value: object, path: str
+) -> tuple[tuple[ProviderConfig, ...], BalancePolicy, HealthCheckConfig]:
+    sd = _section(
+        value, path, ("provider", "providers", "health_check", "load_balancer", *_KEY_OWNER)
+    )
+    if "provider" in sd and "providers" in sd:
+        raise _Invalid(path, "use either provider or providers, not both")
+    if "provider" in sd:
+        kind = _choice(sd["provider"], _key(path, "provider"), _PROVIDER_TYPES)
+        providers: tuple[ProviderConfig, ...] = (_provider(sd, path, kind=kind, name=kind),)
+    elif "providers" in sd:
+        for key in sd:
+            if key in _KEY_OWNER:
+                raise _Invalid(_key(path, key), "only valid in a providers entry")
+        providers = _provider_list(sd["providers"], _key(path, "providers"))
+    else:
+        raise _Invalid(path, "needs provider or providers")
+    policy = _record(
+        sd.get("load_balancer"), _key(path, "load_balancer"), BalancePolicy(), _POLICY_FIELDS
+    )
+    health_check = _record(
+        sd.get("health_check"),
+        _key(path, "health_check"),
+        HealthCheckConfig(),
+        _HEALTH_CHECK_FIELDS,
+    )
+    return providers, policy, health_check
+
+
+def _provider_list(value: object, path: str) -> tuple[ProviderConfig, ...]:
+    items = _list(value, path)
+    if not items:
+        raise _Invalid(path, "must not be empty")
+    entries: list[tuple[str, dict[str, Any], str, str | None]] = []
+    taken: set[str] = set()
+    for i, item in enumerate(items):
+        entry_path = _item(path, i)
+        entry = _section(item, entry_path, ("type", "name", *_KEY_OWNER))
+        kind = _choice(
+            _required(entry, entry_path, "type"), _key(entry_path, "type"), _PROVIDER_TYPES
+        )
+        name = None
+        if "name" in entry:
+            name = _label(entry["name"], _key(entry_path, "name")).lower()
+            if name in taken:
+                raise _Invalid(_key(entry_path, "name"), f"duplicate provider name {name!r}")
+            taken.add(name)
+        entries.append((entry_path, entry, kind, name))
+    providers = []
+    for entry_path, entry, kind, name in entries:
+        if name is None:  # the type, then type-2, type-3 ... skipping names given explicitly
+            name, n = kind, 2
+            while name in taken:
+                name, n = f"{kind}-{n}", n + 1
+            taken.add(name)
+        providers.append(_provider(entry, entry_path, kind=kind, name=name))
+    return tuple(providers)
+
+
+def _provider(entry: Mapping[str, object], path: str, *, kind: str, name: str) -> ProviderConfig:
+    """One provider from its keys in ``entry`` (service_discovery or a providers item)."""
+    for key in entry:
+        owner = _KEY_OWNER.get(key, kind)
+        if owner != kind:
+            raise _Invalid(_key(path, key), f"only valid for provider {owner}")
+    options: dict[str, object] = {}
+    instances: tuple[Instance, ...] = ()
+    if kind == "static":
+        instances = _static_services(
+            entry.get("static_services"), _key(path, "static_services"), provider=name
+        )
+    elif kind == "consul":
+        options = _consul(entry.get("consul"), _key(path, "consul"))
+    elif kind == "etcd":
+        options = _etcd(entry.get("etcd"), _key(path, "etcd"))
+    else:
+        options = _kubernetes(entry, path)
+    return ProviderConfig(
+        type=kind, name=name, options=MappingProxyType(options), static_services=instances
+    )
+
+
+def _consul(value: object, path: str) -> dict[str, object]:
+    keys = ("host", "port", "datacenter", "scheme", "token", "ca_file", "cert_file", "key_file")
+    section = _section(value, path, (*keys, "verify"))
+
+    def get(key: str, default: object = None) -> tuple[object, str]:
+        return section.get(key, default), _key(path, key)
+
+    options: dict[str, object] = {
+        "host": _host(*get("host", "127.0.0.1")),
+        "port": _port(*get("port", 8500)),
+        "datacenter": _opt_str(*get("datacenter")),
+        "scheme": _choice(*get("scheme", "http"), ("http", "https")),
+        "token": _opt_str(*get("token")),
+        "ca_file": _opt_str(*get("ca_file")),
+        "cert_file": _opt_str(*get("cert_file")),
+        "key_file": _opt_str(*get("key_file")),
+        "verify": _bool(*get("verify", True)),
+    }
+    _both_or_neither(options, path, "cert_file", "key_file")
+    return options
+
+
+def _etcd(value: object, path: str) -> dict[str, object]:
+    optional = ("username", "password", "ca_file", "cert_file", "key_file")
+    section = _section(value, path, ("endpoints", "prefix", *optional))
+    endpoints_path = _key(path, "endpoints")
+    endpoints: list[tuple[str, int]] = []
+    for item, item_path in _one_or_list(
+        section.get("endpoints", ["127.0.0.1:2379"]), endpoints_path
+    ):
+        endpoint = _endpoint(item, item_path)
+        if endpoint in endpoints:
+            raise _Invalid(item_path, f"duplicate endpoint {item!r}")
+        endpoints.append(endpoint)
+    if not endpoints:
+        raise _Invalid(endpoints_path, "must not be empty")
+    options: dict[str, object] = {
+        "endpoints": tuple(endpoints),
+        "prefix": _str(section.get("prefix", "/services/"), _key(path, "prefix")),
+    }
+    for key in optional:
+        options[key] = _opt_str(section.get(key), _key(path, key))
+    _both_or_neither(options, path, "username", "password")
+    _both_or_neither(options, path, "cert_file", "key_file")
+    return options
+
+
+def _endpoint(value: object, path: str) -> tuple[str, int]:
+    """``host:port`` of a server we connect to: a host name is fine, port 0 is not."""
+    text = _str(value, path)
+    try:
+        host, port = _split_hostport(text, default_port=2379, min_port=1)
+    except ValueError as exc:
+        raise _Invalid(path, str(exc)) from None
+    if parse_ip(host) is None and not _is_hostname(host):
+        where = repr(text) if host == text else f"host {host!r} in {text!r}"
+        raise _Invalid(path, f"{where} is not an IP address or host name")
+    return host, port
+
+
+# The seed's annotation names; a config's `annotations` overrides them one by one.
+_K8S_ANNOTATIONS = {
+    "version": "app.version",
+    "weight": "gateway.weight",
+    "region": "gateway.region",
+}
+
+
+def _kubernetes(entry: Mapping[str, object], path: str) -> dict[str, object]:
+    if "namespace" in entry and "namespaces" in entry:
+        raise _Invalid(_key(path, "namespaces"), "use either namespace or namespaces, not both")
+    if "namespaces" in entry:
+        namespaces_path = _key(path, "namespaces")
+        namespaces: list[str] = []
+        for i, item in enumerate(_list(entry["namespaces"], namespaces_path)):
+            namespace = _namespace(item, _item(namespaces_path, i))
+            if namespace in namespaces:
+                raise _Invalid(_item(namespaces_path, i), f"duplicate namespace {namespace!r}")
+            namespaces.append(namespace)
+        if not namespaces:
+            raise _Invalid(namespaces_path, "must not be empty")
+    else:
+        namespaces = [_namespace(entry.get("namespace", "default"), _key(path, "namespace"))]
+    in_cluster = entry.get("in_cluster")
+    annotations_path = _key(path, "annotations")
+    given = _section(
+        entry.get("annotations"), annotations_path, ("version", "weight", "region", "tags")
+    )
+    annotations = dict(_K8S_ANNOTATIONS)
+    for field_name, raw in given.items():
+        annotations[field_name] = _str(raw, _key(annotations_path, field_name))
+    return {
+        "namespaces": tuple(namespaces),
+        "kubeconfig": _opt_str(entry.get("kubeconfig"), _key(path, "kubeconfig")),
+        # None: auto (in-cluster when the service account token is mounted).
+        "in_cluster": None if in_cluster is None else _bool(in_cluster, _key(path, "in_cluster")),
+        "annotations": MappingProxyType(annotations),
+    }
+
+
+def _namespace(value: object, path: str) -> str:
+    text = _str(value, path)
+    if not is_dns_label(text) or text != text.lower():
+        raise _Invalid(path, f"{_describe(text)} is not a namespace name (a lowercase DNS label)")
+    return text
+
+
+_INSTANCE_KEYS = ("id", "name", "version", "address", "port", "tags", "metadata", "health")
+
+
+def _static_services(value: object, path: str, *, provider: str) -> tuple[Instance, ...]:
+    if value is None:
+        return ()
+    instances: list[Instance] = []
+    seen: set[str] = set()
+    for i, item in enumerate(_list(value, path)):
+        instance = _instance(item, _item(path, i), provider=provider)
+        if instance.id in seen:
+            raise _Invalid(_key(_item(path, i), "id"), f"duplicate id {instance.id!r}")
+        seen.add(instance.id)
+        instances.append(instance)
+    return tuple(instances)
+
+
+def _instance(value: object, path: str, *, provider: str) -> Instance:
+    section = _section(value, path, _INSTANCE_KEYS)
+
+    def at(key: str) -> str:
+        return _key(path, key)
+
+    tags = _list(section.get("tags", []), at("tags"))
+    metadata = _mapping(section.get("metadata"), at("metadata"))
+    return Instance(
+        id=_str(_required(section, path, "id"), at("id")),
+        name=_label(_required(section, path, "name"), at("name")),
+        address=_host(_required(section, path, "address"), at("address")),
+        port=_port(_required(section, path, "port"), at("port")),
+        version=_text(section.get("version", "1.0.0"), at("version")),
+        tags=tuple(_text(tag, _item(at("tags"), j)) for j, tag in enumerate(tags)),
+        metadata=MappingProxyType(
+            {
+                _text(k, _key(at("metadata"), str(k))): _text(
+                    v, _key(at("metadata"), str(k)), empty_ok=True
+                )
+                for k, v in metadata.items()
+            }
+        ),
+        health=Health(
+            _choice(section.get("health", "healthy"), at("health"), [h.value for h in Health])
+        ),
+        provider=provider,
+    )
+
+
+def _load_balancing(value: object, path: str, default: BalancePolicy) -> dict[str, BalancePolicy]:
+    section = _section(value, path, ("strategies",))
+    strategies_path = _key(path, "strategies")
+    policies: dict[str, BalancePolicy] = {}
+    for name, raw in _mapping(section.get("strategies"), strategies_path).items():
+        entry_path = _key(strategies_path, str(name))
+        service = _label(name, entry_path).lower()
+        if service in policies:
+            raise _Invalid(entry_path, f"duplicate service {service!r}")
+        # Unspecified keys inherit service_discovery.load_balancer's values.
+        policies[service] = _record(raw, entry_path, default, _POLICY_FIELDS)
+    return policies
+
+
+def _dns(value: object, path: str) -> DnsConfig:
+    section = _section(value, path, _DNS_FIELDS)
+    changes: dict[str, Any] = {k: _DNS_FIELDS[k](raw, _key(path, k)) for k, raw in section.items()}
+    # `listen` sets both transports; listen_udp / listen_tcp override it.
+    listen = changes.pop("listen", None)
+    if listen is not None:
+        changes.setdefault("listen_udp", listen)
+        changes.setdefault("listen_tcp", listen)
+    dns = replace(DnsConfig(), **changes)
+    if not dns.listen_udp and not dns.listen_tcp:
+        raise _Invalid(path, "needs at least one listen address")
+    return dns
+
+
+def _listen(value: object, path: str) -> tuple[tuple[str, int], ...]:
+    addresses: list[tuple[str, int]] = []
+    for item, item_path in _one_or_list(value, path):
+        text = _str(item, item_path)
+        try:
+            address = parse_hostport(text, default_port=53)
+        except ValueError as exc:
+            raise _Invalid(item_path, str(exc)) from None
+        if address in addresses:
+            raise _Invalid(item_path, f"duplicate address {text!r}")
+        addresses.append(address)
+    return tuple(addresses)
+
+
+def _domains(value: object, path: str) -> tuple[str, ...]:
+    domains: list[str] = []
+    for item, item_path in _one_or_list(value, path):
+        domain = _domain(item, item_path)
+        if domain in domains:
+            raise _Invalid(item_path, f"duplicate domain {domain!r}")
+        domains.append(domain)
+    if not domains:
+        raise _Invalid(path, "must not be empty")
+    return tuple(domains)
+
+
+def _location(value: object, path: str) -> Location:
+    section = _section(value, path, ("latitude", "longitude"))
+    latitude = _number(_required(section, path, "latitude"), _key(path, "latitude"))
+    if not -90 <= latitude <= 90:
+        raise _Invalid(_key(path, "latitude"), f"{latitude:g} is not a latitude (-90..90)")
+    longitude = _number(_required(section, path, "longitude"), _key(path, "longitude"))
+    if not -180 <= longitude <= 180:
+        raise _Invalid(_key(path, "longitude"), f"{longitude:g} is not a longitude (-180..180)")
+    return Location(latitude=latitude, longitude=longitude)
+
+
+def _u31(value: object, path: str) -> int:
+    """A TTL-like count of seconds: 0..2**31-1 (RFC 2181)."""
+    return _int(value, path, lo=0, hi=2147483647)
+
+
+_SOA_FIELDS: dict[str, _Parser] = {
+    "mname": _opt_absolute_name,
+    "rname": _opt_absolute_name,
+    "refresh": _u31,
+    "retry": _u31,
+    "expire": _u31,
+    "minimum": _u31,
+}
+
+_DNS_FIELDS: dict[str, _Parser] = {
+    "listen": _listen,
+    "listen_udp": _listen,
+    "listen_tcp": _listen,
+    "domains": _domains,
+    "ttl": _u31,
+    "answer_limit": lambda v, p: _int(v, p, lo=0),
+    "datacenter": lambda v, p: _label(v, p).lower(),
+    "max_udp_size": lambda v, p: _int(v, p, lo=512, hi=65535),
+    "client_location": lambda v, p: None if v is None else _location(v, p),
+    "soa": lambda v, p: _record(v, p, SoaConfig(), _SOA_FIELDS),
+}

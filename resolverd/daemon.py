@@ -1,0 +1,101 @@
+"""Builds the components from a config, wires the one-way data flow
+(providers -> table -> balancing -> answers -> servers), runs them and shuts
+them down in order."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+
+import structlog
+
+from resolverd.balancing import Balancer, ConnectionTracker
+from resolverd.config import Config
+from resolverd.dns.answers import Answerer
+from resolverd.dns.server import DnsServer
+from resolverd.providers import Provider, create_provider
+from resolverd.table import Change, ServiceTable, View
+
+log = structlog.get_logger(__name__)
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.table = ServiceTable()
+        self.tracker = ConnectionTracker()
+        self.balancer = Balancer(tracker=self.tracker)
+        self.answerer = Answerer(
+            config=config.dns,
+            balancer=self.balancer,
+            policy_for=config.policy_for,
+            view=self.table.view,
+        )
+        self.dns = DnsServer(self.answerer)
+        # Created before anything binds so an unavailable provider fails start-up.
+        self.providers: list[Provider] = [create_provider(p) for p in config.providers]
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._unsubscribe: list[Callable[[], None]] = []
+
+    def _on_change(self, view: View, change: Change) -> None:
+        self.balancer.retain(view.by_id.keys())
+        self.answerer.set_view(view)
+        log.info(
+            "table.changed",
+            revision=change.revision,
+            registered=len(change.registered),
+            deregistered=len(change.deregistered),
+            updated=len(change.updated),
+            services=len(view.services),
+        )
+
+    async def start(self) -> None:
+        self._unsubscribe.append(self.table.subscribe(self._on_change))
+        self._unsubscribe.append(self.tracker.subscribe(self.answerer.connections_changed))
+        for provider in self.providers:
+            task = asyncio.create_task(self.table_task(provider), name=f"provider:{provider.name}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        await asyncio.sleep(0)  # let providers publish their first snapshot
+        try:
+            await self.dns.start(udp=self.config.dns.listen_udp, tcp=self.config.dns.listen_tcp)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("daemon.started", providers=[p.name for p in self.providers])
+
+    async def table_task(self, provider: Provider) -> None:
+        try:
+            await provider.run(self.table)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("provider.failed", provider=provider.name)
+
+    async def stop(self) -> None:
+        await self.dns.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        log.info("daemon.stopped")
+
+    async def __aenter__(self) -> Daemon:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with Daemon(config):
+        await stop.wait()
+        log.info("daemon.stopping")

@@ -1,0 +1,181 @@
+"""DNS transports: UDP and TCP protocol classes that only move bytes.
+
+Each datagram or TCP message goes to the `Answerer`; the UDP handler inlines
+the exact-bytes cache lookup because that is the whole hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from typing import Any, cast
+
+import structlog
+
+from resolverd.dns.answers import Answerer
+
+log = structlog.get_logger(__name__)
+
+TCP_IDLE_TIMEOUT = 10.0
+TCP_MAX_CONNECTIONS = 256
+
+
+class UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, answerer: Answerer) -> None:
+        self._cache = answerer.udp_cache
+        self._slow = answerer.slow
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's UDP transport does not subclass asyncio.DatagramTransport.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        entry = self._cache.get(data[2:])
+        if entry is not None and entry.cycle is not None:
+            reply: bytes | None = data[:2] + next(entry.cycle)
+        elif entry is not None:
+            reply = entry.reply(data, addr[0])
+        else:
+            reply = self._slow(data, addr[0], tcp=False)
+        if reply is not None and self.transport is not None:
+            self.transport.sendto(reply, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors for earlier replies (client gone): nothing to do.
+        pass
+
+
+class TcpProtocol(asyncio.Protocol):
+    """RFC 7766: two-byte length framing, pipelined queries, idle timeout."""
+
+    def __init__(self, answerer: Answerer, connections: set[TcpProtocol]) -> None:
+        self._answerer = answerer
+        self._connections = connections
+        self._buffer = bytearray()
+        self._transport: asyncio.Transport | None = None
+        self._peer = ""
+        self._idle: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        if len(self._connections) >= TCP_MAX_CONNECTIONS:
+            self._transport.abort()
+            return
+        self._connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self._peer = peer[0] if peer else ""
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        loop = asyncio.get_running_loop()
+        self._idle = loop.call_later(TCP_IDLE_TIMEOUT, self.close)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        self._arm()
+        while len(self._buffer) >= 2:
+            size = int.from_bytes(self._buffer[:2], "big")
+            if len(self._buffer) < 2 + size:
+                break
+            message = bytes(self._buffer[2 : 2 + size])
+            del self._buffer[: 2 + size]
+            reply = self._answerer.respond(message, self._peer, tcp=True)
+            if reply is None:
+                continue
+            if self._transport is None or self._transport.is_closing():
+                return
+            self._transport.write(len(reply).to_bytes(2, "big") + reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        self._connections.discard(self)
+
+
+class DnsServer:
+    """Binds the configured UDP and TCP addresses and reports the bound ones."""
+
+    def __init__(self, answerer: Answerer) -> None:
+        self._answerer = answerer
+        self._udp: list[asyncio.DatagramTransport] = []
+        self._tcp: list[asyncio.Server] = []
+        self._connections: set[TcpProtocol] = set()
+        self.udp_addresses: list[tuple[str, int]] = []
+        self.tcp_addresses: list[tuple[str, int]] = []
+
+    async def start(
+        self, *, udp: tuple[tuple[str, int], ...], tcp: tuple[tuple[str, int], ...]
+    ) -> None:
+        """Bind everything. A TCP address with port 0 whose host also listens on
+        UDP with port 0 gets the same port number, as clients retry a truncated
+        UDP answer over TCP on the same port."""
+        pending_tcp = list(tcp)
+        for host, port in udp:
+            transport = await self._bind_udp(host, port)
+            bound_port = transport.get_extra_info("sockname")[1]
+            if port == 0 and (host, 0) in pending_tcp:
+                for _attempt in range(20):
+                    try:
+                        await self._bind_tcp(host, bound_port)
+                    except OSError as err:
+                        if err.errno != errno.EADDRINUSE:
+                            raise
+                        transport.close()
+                        self._udp.remove(transport)
+                        self.udp_addresses.pop()
+                        transport = await self._bind_udp(host, 0)
+                        bound_port = transport.get_extra_info("sockname")[1]
+                    else:
+                        pending_tcp.remove((host, 0))
+                        break
+        for host, port in pending_tcp:
+            await self._bind_tcp(host, port)
+        for (address, port), proto in [(a, "udp") for a in self.udp_addresses] + [
+            (a, "tcp") for a in self.tcp_addresses
+        ]:
+            log.info("dns.listening", proto=proto, address=address, port=port)
+
+    async def _bind_udp(self, host: str, port: int) -> asyncio.DatagramTransport:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: UdpProtocol(self._answerer), local_addr=(host, port), family=family
+        )
+        self._udp.append(transport)
+        bound = transport.get_extra_info("sockname")
+        self.udp_addresses.append((bound[0], bound[1]))
+        return transport
+
+    async def _bind_tcp(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: TcpProtocol(self._answerer, self._connections),
+            host=host,
+            port=port,
+            reuse_address=True,
+            backlog=128,
+        )
+        self._tcp.append(server)
+        for sock in server.sockets:
+            bound = sock.getsockname()
+            self.tcp_addresses.append((bound[0], bound[1]))
+
+    async def stop(self) -> None:
+        for server in self._tcp:
+            server.close()
+        for transport in self._udp:
+            transport.close()
+        for conn in list(self._connections):
+            conn.close()
+        for server in self._tcp:
+            await server.wait_closed()
+        self._udp.clear()
+        self._tcp.clear()
