@@ -592,3 +592,37 @@ class Balancer:
         ):
             sessions.reconfigure(max_entries=policy.sticky_max_entries, ttl=policy.sticky_ttl)
         return sessions
+
+
+@dataclass(slots=True)
+class Outcome:
+    successes: int = 0
+    failures: int = 0
+    average_latency_ms: float = 0.0
+
+
+class OutcomeStats:
+    """Call outcomes reported per instance (gRPC Report): counts and a moving
+    average of latency. Bounded by the instances in the table (`retain`)."""
+
+    ALPHA = 0.2
+
+    def __init__(self) -> None:
+        self._stats: dict[str, Outcome] = {}
+
+    def record(self, instance_id: str, *, success: bool, latency_ms: float, count: int = 1) -> None:
+        stats = self._stats.get(instance_id)
+        if stats is None:
+            stats = self._stats[instance_id] = Outcome(average_latency_ms=latency_ms)
+        if success:
+            stats.successes += count
+        else:
+            stats.failures += count
+        stats.average_latency_ms += self.ALPHA * (latency_ms - stats.average_latency_ms)
+
+    def get(self, instance_id: str) -> Outcome | None:
+        return self._stats.get(instance_id)
+
+    def retain(self, alive_ids: Collection[str]) -> None:
+        for instance_id in [i for i in self._stats if i not in alive_ids]:
+            del self._stats[instance_id]

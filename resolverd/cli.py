@@ -47,11 +47,15 @@ def _run(config: object) -> int:
     from resolverd.config import Config
     from resolverd.daemon import serve
     from resolverd.providers import ProviderUnavailableError
+    from resolverd.providers.registrations import StateFileError
 
     assert isinstance(config, Config)
     log.configure(level=config.log.level, fmt=config.log.format)
     try:
         uvloop.run(serve(config))
+    except StateFileError as err:
+        print(f"resolverd: {err}", file=sys.stderr)
+        return 2
     except ProviderUnavailableError as err:
         print(f"resolverd: {config.file}: {err}", file=sys.stderr)
         return 2

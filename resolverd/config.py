@@ -138,6 +138,42 @@ class DnsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None  # set: clients must present a certificate it signed
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """The gRPC API: where it listens and who may change routing."""
+
+    listen: tuple[tuple[str, int], ...] = (("127.0.0.1", 50051),)
+    unix_socket: str | None = None
+    unix_socket_mode: int = 0o660
+    token: str | None = None  # bearer token for Register/Deregister/Report over TCP
+    tls: TlsConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationsConfig:
+    """Runtime registrations (the gRPC Register API) and where they persist."""
+
+    state_file: str = ""  # "" -> default_state_file()
+
+
+def default_state_file() -> str:
+    """$STATE_DIRECTORY (systemd's StateDirectory=) or the XDG state home."""
+    base = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if not base:
+        xdg = os.environ.get("XDG_STATE_HOME") or os.path.join(
+            os.path.expanduser("~"), ".local", "state"
+        )
+        base = os.path.join(xdg, "resolverd")
+    return os.path.join(base, "registrations.json")
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"  # debug | info | warning | error
     format: str = "auto"  # auto | json | console
@@ -152,6 +188,8 @@ class Config:
     policies: Mapping[str, BalancePolicy] = field(hash=False)  # lowercase service -> policy
     health_check: HealthCheckConfig
     log: LogConfig = LogConfig()
+    api: ApiConfig = ApiConfig()
+    registrations: RegistrationsConfig = RegistrationsConfig()
 
     def policy_for(self, service: str) -> BalancePolicy:
         """The service's strategy, or the default policy (names compare case-insensitively)."""
@@ -285,6 +323,15 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except yaml.YAMLError as exc:
         raise ConfigError(file, "", f"invalid YAML: {exc}") from None
     return parse_config(data, file=file)
+
+
+def parse_instance(data: object, *, path: str, provider: str) -> Instance:
+    """Validate one instance mapping, as in ``static_services`` (used for
+    runtime registrations too). Raises ValueError("<path>.<key>: <reason>")."""
+    try:
+        return _instance(data, path, provider=provider)
+    except _Invalid as exc:
+        raise ValueError(f"{exc.path}: {exc.reason}") from None
 
 
 def parse_config(data: object, *, file: str) -> Config:
@@ -508,7 +555,10 @@ def _both_or_neither(options: Mapping[str, object], path: str, a: str, b: str) -
 
 
 def _config(data: object, file: str) -> Config:
-    top = _section(data, "", ("service_discovery", "load_balancing", "dns", "log"))
+    top = _section(
+        data, "", ("service_discovery", "load_balancing", "dns", "log", "api", "registrations")
+    )
+    base = os.path.dirname(os.path.abspath(file))
     providers, default_policy, health_check = _service_discovery(
         _required(top, "", "service_discovery"), "service_discovery"
     )
@@ -521,6 +571,8 @@ def _config(data: object, file: str) -> Config:
         policies=MappingProxyType(policies),
         health_check=health_check,
         log=_record(top.get("log"), "log", LogConfig(), _LOG_FIELDS),
+        api=_api(top.get("api"), "api", base),
+        registrations=_registrations(top.get("registrations"), "registrations", base),
     )
 
 
@@ -893,3 +945,98 @@ _DNS_FIELDS: dict[str, _Parser] = {
     "client_location": lambda v, p: None if v is None else _location(v, p),
     "soa": lambda v, p: _record(v, p, SoaConfig(), _SOA_FIELDS),
 }
+
+
+# --------------------------------------------------------------------------- api, registrations
+
+
+def _path(value: object, path: str, base: str) -> str:
+    """A file path; relative ones are taken from the config file's folder."""
+    text = os.path.expanduser(_str(value, path))
+    return text if os.path.isabs(text) else os.path.normpath(os.path.join(base, text))
+
+
+def _mode(value: object, path: str) -> int:
+    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
+        return int(value, 8)
+    raise _Invalid(path, f'{_describe(value)} is not a file mode (quote it: "0660")')
+
+
+def _api(value: object, path: str, base: str) -> ApiConfig:
+    section = _section(
+        value, path, ("listen", "unix_socket", "unix_socket_mode", "token", "token_file", "tls")
+    )
+    api = ApiConfig()
+    changes: dict[str, Any] = {}
+    if "listen" in section:
+        raw = section["listen"]
+        changes["listen"] = () if raw == [] else _listen_api(raw, _key(path, "listen"))
+    if section.get("unix_socket") is not None:
+        changes["unix_socket"] = _path(section["unix_socket"], _key(path, "unix_socket"), base)
+    if "unix_socket_mode" in section:
+        changes["unix_socket_mode"] = _mode(
+            section["unix_socket_mode"], _key(path, "unix_socket_mode")
+        )
+    if "token" in section and "token_file" in section:
+        raise _Invalid(_key(path, "token_file"), "give token or token_file, not both")
+    if section.get("token") is not None:
+        changes["token"] = _str(section["token"], _key(path, "token"))
+    if section.get("token_file") is not None:
+        token_path = _key(path, "token_file")
+        file = _path(section["token_file"], token_path, base)
+        try:
+            with open(file, encoding="utf-8") as fh:
+                token = fh.read().strip()
+        except OSError as exc:
+            raise _Invalid(token_path, f"cannot read {file}: {exc.strerror or exc}") from None
+        if not token:
+            raise _Invalid(token_path, f"{file} is empty")
+        changes["token"] = token
+    if section.get("tls") is not None:
+        changes["tls"] = _tls(section["tls"], _key(path, "tls"), base)
+    api = replace(api, **changes)
+    if not api.listen and api.unix_socket is None:
+        raise _Invalid(path, "needs a listen address or a unix_socket")
+    return api
+
+
+def _listen_api(value: object, path: str) -> tuple[tuple[str, int], ...]:
+    addresses: list[tuple[str, int]] = []
+    for item, item_path in _one_or_list(value, path):
+        try:
+            address = parse_hostport(_str(item, item_path), default_port=50051)
+        except ValueError as exc:
+            raise _Invalid(item_path, str(exc)) from None
+        if address in addresses:
+            raise _Invalid(item_path, f"duplicate address {item!r}")
+        addresses.append(address)
+    return tuple(addresses)
+
+
+def _tls(value: object, path: str, base: str) -> TlsConfig:
+    section = _section(value, path, ("cert_file", "key_file", "client_ca_file"))
+
+    def file(key: str) -> str:
+        at = _key(path, key)
+        name = _path(section[key], at, base)
+        if not os.path.isfile(name):
+            raise _Invalid(at, f"{name} does not exist")
+        return name
+
+    cert = file("cert_file") if "cert_file" in section else None
+    key = file("key_file") if "key_file" in section else None
+    if cert is None or key is None:
+        raise _Invalid(
+            _key(path, "key_file" if key is None else "cert_file"), "missing required key"
+        )
+    ca = file("client_ca_file") if section.get("client_ca_file") is not None else None
+    return TlsConfig(cert_file=cert, key_file=key, client_ca_file=ca)
+
+
+def _registrations(value: object, path: str, base: str) -> RegistrationsConfig:
+    section = _section(value, path, ("state_file",))
+    if section.get("state_file") is None:
+        return RegistrationsConfig()
+    return RegistrationsConfig(
+        state_file=_path(section["state_file"], _key(path, "state_file"), base)
+    )

@@ -10,11 +10,14 @@ from collections.abc import Callable
 
 import structlog
 
-from resolverd.balancing import Balancer, ConnectionTracker
-from resolverd.config import Config
+from resolverd.balancing import Balancer, ConnectionTracker, OutcomeStats
+from resolverd.config import Config, default_state_file
 from resolverd.dns.answers import Answerer
 from resolverd.dns.server import DnsServer
 from resolverd.providers import Provider, create_provider
+from resolverd.providers.registrations import RegistrationsProvider
+from resolverd.rpc.server import RpcServer
+from resolverd.rpc.servicer import ResolverServicer, WatchHub
 from resolverd.table import Change, ServiceTable, View
 
 log = structlog.get_logger(__name__)
@@ -33,13 +36,33 @@ class Daemon:
             view=self.table.view,
         )
         self.dns = DnsServer(self.answerer)
-        # Created before anything binds so an unavailable provider fails start-up.
+        self.outcomes = OutcomeStats()
+        # Created (and the state file read) before anything binds, so an
+        # unavailable provider or a bad state file fails start-up cleanly.
+        self.registrations = RegistrationsProvider(
+            config.registrations.state_file or default_state_file()
+        )
+        self.registrations.load()
         self.providers: list[Provider] = [create_provider(p) for p in config.providers]
+        self.providers.append(self.registrations)
+        self.hub = WatchHub()
+        self.rpc = RpcServer(
+            servicer=ResolverServicer(
+                config=config,
+                table=self.table,
+                balancer=self.balancer,
+                outcomes=self.outcomes,
+                registrations=self.registrations,
+                hub=self.hub,
+            ),
+            api=config.api,
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._unsubscribe: list[Callable[[], None]] = []
 
     def _on_change(self, view: View, change: Change) -> None:
         self.balancer.retain(view.by_id.keys())
+        self.outcomes.retain(view.by_id.keys())
         self.answerer.set_view(view)
         log.info(
             "table.changed",
@@ -52,6 +75,7 @@ class Daemon:
 
     async def start(self) -> None:
         self._unsubscribe.append(self.table.subscribe(self._on_change))
+        self._unsubscribe.append(self.table.subscribe(self.hub.on_change))
         self._unsubscribe.append(self.tracker.subscribe(self.answerer.connections_changed))
         for provider in self.providers:
             task = asyncio.create_task(self.table_task(provider), name=f"provider:{provider.name}")
@@ -60,9 +84,11 @@ class Daemon:
         await asyncio.sleep(0)  # let providers publish their first snapshot
         try:
             await self.dns.start(udp=self.config.dns.listen_udp, tcp=self.config.dns.listen_tcp)
+            await self.rpc.start()
         except BaseException:
             await self.stop()
             raise
+        await self.rpc.set_serving()
         log.info("daemon.started", providers=[p.name for p in self.providers])
 
     async def table_task(self, provider: Provider) -> None:
@@ -73,7 +99,9 @@ class Daemon:
         except Exception:
             log.exception("provider.failed", provider=provider.name)
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 5.0) -> None:
+        # NOT_SERVING first, so load balancers stop sending, then the servers.
+        await self.rpc.stop(grace)
         await self.dns.stop()
         for task in list(self._tasks):
             task.cancel()

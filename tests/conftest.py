@@ -4,7 +4,9 @@ tests drive it with real clients (dnspython, dig, kdig) from plain code."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -67,6 +69,13 @@ def config_from(data: dict[str, Any], *, file: str = "test.yaml") -> Config:
     dns.pop("listen_udp", None)
     dns.pop("listen_tcp", None)
     data["dns"] = dns
+    api = dict(data.get("api") or {})
+    api.setdefault("listen", "127.0.0.1:0")
+    data["api"] = api
+    registrations = dict(data.get("registrations") or {})
+    if "state_file" not in registrations:
+        registrations["state_file"] = os.path.join(tempfile.mkdtemp(), "registrations.json")
+    data["registrations"] = registrations
     return parse_config(data, file=file)
 
 

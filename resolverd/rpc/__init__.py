@@ -1,0 +1,1 @@
+"""The gRPC API: servicer (proto <-> model) and server (listeners, health, reflection)."""
