@@ -544,7 +544,7 @@ class Balancer:
         if plan.ring is not None and ctx.address:
             idx = ring_pick(plan, ctx.address)
         elif plan.schedule:
-            idx = plan.schedule[next(self._counter(service)) % len(plan.schedule)]
+            idx = plan.schedule[next(self.counter(service)) % len(plan.schedule)]
         else:
             idx = 0
         if sessions is not None and key:
@@ -574,7 +574,9 @@ class Balancer:
         self._counters.pop(service, None)
         self._sessions.pop(service, None)
 
-    def _counter(self, service: str) -> Iterator[int]:
+    def counter(self, service: str) -> Iterator[int]:
+        """The service's schedule position, shared by gRPC and every DNS answer
+        of the service so one rotation spans all clients and question forms."""
         counter = self._counters.get(service)
         if counter is None:
             counter = self._counters[service] = itertools.count()

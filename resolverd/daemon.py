@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import grpc
 import structlog
 
 from resolverd.balancing import Balancer, ConnectionTracker, OutcomeStats
@@ -24,7 +25,9 @@ log = structlog.get_logger(__name__)
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self, config: Config, *, extra_rpc_handlers: Sequence[grpc.GenericRpcHandler] = ()
+    ) -> None:
         self.config = config
         self.table = ServiceTable()
         self.tracker = ConnectionTracker()
@@ -56,6 +59,7 @@ class Daemon:
                 hub=self.hub,
             ),
             api=config.api,
+            extra_handlers=extra_rpc_handlers,
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._unsubscribe: list[Callable[[], None]] = []

@@ -53,6 +53,8 @@ class DaemonThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
 
     def close(self) -> None:
+        if self.loop.is_closed():
+            return
         try:
             self.run(self.daemon.stop())
         finally:

@@ -59,9 +59,13 @@ class Outcome:
 
 
 class Entry:
-    """A cached answer: bodies (reply bytes after the ID) per variant."""
+    """A cached answer: bodies (reply bytes after the ID) per variant.
 
-    __slots__ = ("bodies", "client_key", "cycle", "pick", "qlen", "service")
+    Client-independent entries walk `sched` (bodies in schedule order) with the
+    service's shared counter; client-dependent ones call `pick`.
+    """
+
+    __slots__ = ("bodies", "client_key", "counter", "n", "pick", "qlen", "sched", "service")
 
     def __init__(
         self,
@@ -69,20 +73,23 @@ class Entry:
         bodies: list[bytes],
         qlen: int,
         service: str | None,
-        cycle: Iterator[bytes] | None,
+        sched: list[bytes] | None,
+        counter: Iterator[int],
         pick: Callable[[str], int] | None,
         client_key: str | None,
     ) -> None:
         self.bodies = bodies
         self.qlen = qlen
         self.service = service
-        self.cycle = cycle
+        self.sched = sched
+        self.n = len(sched) if sched else 1
+        self.counter = counter
         self.pick = pick
         self.client_key = client_key
 
     def body(self, client: str) -> bytes:
-        if self.cycle is not None:
-            return next(self.cycle)
+        if self.sched is not None:
+            return self.sched[next(self.counter) % self.n]
         assert self.pick is not None
         return self.bodies[self.pick(self.client_key or client)]
 
@@ -95,6 +102,9 @@ class Entry:
         body = self.body(client)
         end = 10 + self.qlen
         return data[:2] + body[:10] + data[12 : 12 + self.qlen] + body[end:]
+
+
+_FIXED = itertools.repeat(0)
 
 
 class Answerer:
@@ -229,7 +239,8 @@ class Answerer:
                 bodies=[body],
                 qlen=qlen,
                 service=outcome.service,
-                cycle=itertools.repeat(body),
+                sched=[body],
+                counter=_FIXED,
                 pick=None,
                 client_key=None,
             )
@@ -248,16 +259,17 @@ class Answerer:
                 bodies=bodies,
                 qlen=qlen,
                 service=service,
-                cycle=None,
+                sched=None,
+                counter=_FIXED,
                 pick=pick,
                 client_key=client_key,
             )
-        cycle = itertools.cycle([bodies[i] for i in plan.schedule])
         return Entry(
             bodies=bodies,
             qlen=qlen,
             service=service,
-            cycle=cycle,
+            sched=[bodies[i] for i in plan.schedule],
+            counter=self.balancer.counter(service),
             pick=None,
             client_key=None,
         )

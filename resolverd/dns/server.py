@@ -33,8 +33,8 @@ class UdpProtocol(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         entry = self._cache.get(data[2:])
-        if entry is not None and entry.cycle is not None:
-            reply: bytes | None = data[:2] + next(entry.cycle)
+        if entry is not None and (sched := entry.sched) is not None:
+            reply: bytes | None = data[:2] + sched[next(entry.counter) % entry.n]
         elif entry is not None:
             reply = entry.reply(data, addr[0])
         else:
