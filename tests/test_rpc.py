@@ -93,7 +93,7 @@ async def test_resolve_same_order_as_dns(start_daemon: Start) -> None:
         tokyo = await s.Resolve(
             pb.ResolveRequest(service="web", client=pb.ClientInfo(latitude=35.0, longitude=135.0))
         )
-        assert [e.id for e in tokyo.endpoints][0] == "web-1"
+        assert tokyo.endpoints[0].id == "web-1"
 
 
 @pytest.mark.parametrize(
