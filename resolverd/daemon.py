@@ -105,6 +105,8 @@ class Daemon:
 
     async def stop(self, grace: float = 5.0) -> None:
         # NOT_SERVING first, so load balancers stop sending, then the servers.
+        await self.rpc.not_serving()
+        self.hub.close()
         await self.rpc.stop(grace)
         await self.dns.stop()
         for task in list(self._tasks):

@@ -482,11 +482,19 @@ async def test_health_serving_then_not_serving_on_shutdown(start_daemon: Start) 
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
         assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
-        stopping = asyncio.get_running_loop().run_in_executor(None, d.close)
+        services_watch = stub(d, channel).Watch(pb.WatchRequest(service="web"))
+        await services_watch.read()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        stopping = loop.run_in_executor(None, d.close)
         assert (
             await asyncio.wait_for(watch.read(), 10)
         ).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()  # a load balancer that heard NOT_SERVING goes away
+        # Watch streams end at shutdown instead of holding the 5 s grace period.
+        assert await services_watch.read() == grpc.aio.EOF
         await stopping
+        assert loop.time() - started < 4
 
 
 async def test_reflection_lists_services(static_daemon: DaemonThread) -> None:

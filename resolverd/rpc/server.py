@@ -95,8 +95,12 @@ class RpcServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    async def stop(self, grace: float) -> None:
+    async def not_serving(self) -> None:
+        """Health says NOT_SERVING from now on (idempotent)."""
         await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace: float) -> None:
+        await self.not_serving()
         await self._server.stop(grace)
         if self._api.unix_socket is not None and os.path.exists(self._api.unix_socket):
             os.unlink(self._api.unix_socket)

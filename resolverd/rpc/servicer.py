@@ -41,6 +41,14 @@ class WatchHub:
 
     def __init__(self) -> None:
         self._events: dict[str, set[asyncio.Event]] = {}
+        self.closed = False
+
+    def close(self) -> None:
+        """End every Watch stream (shutdown), so they do not hold the grace period."""
+        self.closed = True
+        for events in self._events.values():
+            for event in events:
+                event.set()
 
     def add(self, service: str, event: asyncio.Event) -> Callable[[], None]:
         self._events.setdefault(service, set()).add(event)
@@ -227,7 +235,7 @@ class ResolverServicer:
         remove = self._hub.add(service, wake)
         sent: dict[str, Instance] | None = None
         try:
-            while True:
+            while not self._hub.closed:
                 view = self._table.view
                 current = {i.id: i for i in _filter(view.instances(service), request.version, tags)}
                 if sent is None:
