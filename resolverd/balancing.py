@@ -564,11 +564,16 @@ class Balancer:
         return () if idx is None else plan.order(idx)
 
     def retain(self, alive_ids: Collection[str]) -> None:
-        """Sticky maps and the tracker forget instances that left."""
+        """Sticky maps forget instances that left.
+
+        Connection counts are not dropped here: they belong to the Report
+        streams that opened them, which release them when they end; dropping
+        them would let one stream's closes eat another's opens when an
+        instance leaves and comes back.
+        """
         alive = alive_ids if isinstance(alive_ids, set | frozenset) else frozenset(alive_ids)
         for sessions in self._sessions.values():
             sessions.retain(alive)
-        self._tracker.retain(alive)
 
     def forget_service(self, service: str) -> None:
         self._counters.pop(service, None)

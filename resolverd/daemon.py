@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 import grpc
 import structlog
@@ -29,7 +30,9 @@ class Daemon:
         self, config: Config, *, extra_rpc_handlers: Sequence[grpc.GenericRpcHandler] = ()
     ) -> None:
         self.config = config
-        self.table = ServiceTable()
+        self.table = ServiceTable(
+            order=[p.name for p in config.providers] + [RegistrationsProvider.NAME]
+        )
         self.tracker = ConnectionTracker()
         self.balancer = Balancer(tracker=self.tracker)
         self.answerer = Answerer(
@@ -82,9 +85,7 @@ class Daemon:
         self._unsubscribe.append(self.table.subscribe(self.hub.on_change))
         self._unsubscribe.append(self.tracker.subscribe(self.answerer.connections_changed))
         for provider in self.providers:
-            task = asyncio.create_task(self.table_task(provider), name=f"provider:{provider.name}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._provider_task(provider), f"provider:{provider.name}")
         await asyncio.sleep(0)  # let providers publish their first snapshot
         try:
             await self.dns.start(udp=self.config.dns.listen_udp, tcp=self.config.dns.listen_tcp)
@@ -92,10 +93,22 @@ class Daemon:
         except BaseException:
             await self.stop()
             raise
-        await self.rpc.set_serving()
+        self._spawn(self._ready(), "ready")
         log.info("daemon.started", providers=[p.name for p in self.providers])
 
-    async def table_task(self, provider: Provider) -> None:
+    async def _ready(self) -> None:
+        """gRPC health turns SERVING once every provider has synced."""
+        while not self.table.synced:
+            await asyncio.sleep(0.05)
+        await self.rpc.set_serving()
+        log.info("daemon.ready", revision=self.table.view.revision)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _provider_task(self, provider: Provider) -> None:
         try:
             await provider.run(self.table)
         except asyncio.CancelledError:

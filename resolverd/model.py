@@ -39,8 +39,13 @@ class Instance:
     tags: tuple[str, ...] = ()
     metadata: Mapping[str, str] = field(default_factory=lambda: _EMPTY, hash=False)
     health: Health = Health.HEALTHY
-    last_heartbeat: float = 0.0
+    # When the provider last heard of it; not part of equality, so a provider
+    # that republishes an unchanged instance does not make a table change.
+    last_heartbeat: float = field(default=0.0, compare=False)
     provider: str = ""
+    # Named port (Kubernetes): SRV `_<port_name>._<protocol>.<service>`.
+    port_name: str = ""
+    protocol: str = "tcp"
 
     @property
     def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

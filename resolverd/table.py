@@ -8,7 +8,8 @@ Readers hold a `View` and never see half an update.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TypedDict
@@ -50,13 +51,29 @@ def _key(inst: Instance) -> tuple[str, str]:
     return (inst.provider, inst.id)
 
 
-def merge(snapshots: Mapping[str, tuple[Instance, ...]], revision: int) -> View:
+def merge(
+    snapshots: Mapping[str, tuple[Instance, ...]],
+    revision: int,
+    order: Sequence[str] = (),
+) -> View:
     """Union the providers' snapshots into a view, services sorted by name and
-    instances by (id, provider) so the view does not depend on arrival order."""
+    instances by (id, provider) so the view does not depend on arrival order.
+
+    Providers are taken in `order` (the config's), then by name. The same
+    service at the same address, port and port name from two providers is one
+    instance: the first provider's. An id held by two providers belongs to the
+    first one in `by_id`.
+    """
     grouped: dict[str, list[Instance]] = {}
     by_id: dict[str, Instance] = {}
-    for provider in sorted(snapshots):
+    seen: set[tuple[str, str, int, str]] = set()
+    rank = {name: i for i, name in enumerate(order)}
+    for provider in sorted(snapshots, key=lambda p: (rank.get(p, len(rank)), p)):
         for inst in snapshots[provider]:
+            endpoint = (inst.name, inst.address, inst.port, inst.port_name)
+            if endpoint in seen:
+                continue
+            seen.add(endpoint)
             grouped.setdefault(inst.name, []).append(inst)
             by_id.setdefault(inst.id, inst)
     services = {
@@ -81,11 +98,80 @@ def diff(old: View, new: View) -> Change:
     return Change(new.revision, registered, deregistered, updated, services)
 
 
+@dataclass(frozen=True, slots=True)
+class ProviderState:
+    """How fresh a provider's snapshot is. A provider that answered "empty" is
+    synced with 0 instances; one that cannot reach its backend is stale and
+    keeps its last snapshot."""
+
+    name: str
+    synced: bool = False  # has published from its backend since start
+    last_sync: float | None = None  # wall time of the last successful sync
+    stale_since: float | None = None  # wall time the backend became unreachable
+    error: str | None = None
+    instances: int = 0
+    restored: bool = False  # the snapshot came from the on-disk copy
+
+    @property
+    def stale(self) -> bool:
+        return self.stale_since is not None
+
+    def age(self, now: float) -> float | None:
+        """Seconds since the snapshot was last known good."""
+        return None if self.last_sync is None else max(0.0, now - self.last_sync)
+
+
 class ServiceTable:
-    def __init__(self) -> None:
+    def __init__(
+        self, *, order: Sequence[str] = (), clock: Callable[[], float] = time.time
+    ) -> None:
         self._snapshots: dict[str, tuple[Instance, ...]] = {}
         self._view = View(revision=0, services=MappingProxyType({}))
         self._subscribers: list[Subscriber] = []
+        self._order = tuple(order)
+        self._clock = clock
+        self._states: dict[str, ProviderState] = {name: ProviderState(name) for name in order}
+
+    def states(self) -> dict[str, ProviderState]:
+        return dict(self._states)
+
+    def snapshots(self) -> dict[str, tuple[Instance, ...]]:
+        return dict(self._snapshots)
+
+    @property
+    def synced(self) -> bool:
+        """Every known provider has published from its backend at least once."""
+        return all(state.synced for state in self._states.values())
+
+    def mark_stale(self, provider: str, error: str) -> None:
+        """The provider lost its backend: keep serving its last snapshot."""
+        state = self._states.get(provider, ProviderState(provider))
+        if state.stale_since is None:
+            state = replace(state, stale_since=self._clock(), error=error)
+            age = state.age(self._clock())
+            log.warning(
+                "provider.stale",
+                provider=provider,
+                error=error,
+                instances=state.instances,
+                age_seconds=None if age is None else round(age, 1),
+            )
+        else:
+            state = replace(state, error=error)
+        self._states[provider] = state
+
+    def restore(self, provider: str, instances: Iterable[Instance], saved_at: float) -> None:
+        """Load a snapshot saved on disk; stale until the provider syncs."""
+        self._install(provider, instances)
+        state = self._states.get(provider, ProviderState(provider))
+        self._states[provider] = replace(
+            state,
+            last_sync=saved_at,
+            stale_since=saved_at,
+            restored=True,
+            error="restored from the on-disk snapshot",
+            instances=len(self._snapshots.get(provider, ())),
+        )
 
     @property
     def view(self) -> View:
@@ -105,8 +191,23 @@ class ServiceTable:
         return unsubscribe
 
     def replace(self, provider: str, instances: Iterable[Instance]) -> Change | None:
-        """Swap `provider`'s snapshot whole. Returns the change, or None if
-        the snapshot is identical to the one already held."""
+        """Swap `provider`'s snapshot whole; the provider is synced and fresh.
+        Returns the change, or None if the snapshot equals the one held."""
+        change = self._install(provider, instances)
+        state = self._states.get(provider, ProviderState(provider))
+        if state.stale_since is not None:
+            log.info(
+                "provider.recovered", provider=provider, instances=len(self._snapshots[provider])
+            )
+        self._states[provider] = ProviderState(
+            provider,
+            synced=True,
+            last_sync=self._clock(),
+            instances=len(self._snapshots[provider]),
+        )
+        return change
+
+    def _install(self, provider: str, instances: Iterable[Instance]) -> Change | None:
         snapshot = tuple(
             i if i.provider == provider else _with_provider(i, provider) for i in instances
         )
@@ -121,10 +222,11 @@ class ServiceTable:
             return None
         snapshots = dict(self._snapshots)
         del snapshots[provider]
+        self._states.pop(provider, None)
         return self._commit(snapshots)
 
     def _commit(self, snapshots: dict[str, tuple[Instance, ...]]) -> Change | None:
-        new = merge(snapshots, self._view.revision + 1)
+        new = merge(snapshots, self._view.revision + 1, self._order)
         change = diff(self._view, new)
         self._snapshots = snapshots
         if not change.services:

@@ -259,6 +259,43 @@ async def test_report_ends_cleanly_with_counts(start_daemon: Start) -> None:
         assert stats["web-2"].failures == 1
 
 
+async def test_streams_keep_their_counts_when_an_instance_leaves_and_returns(
+    start_daemon: Start,
+) -> None:
+    d = start_daemon(services(inst(1), inst(2), policy={"algorithm": "least_connections"}))
+    table, tracker = d.daemon.table, d.daemon.tracker
+    web1 = table.view.instances("web")[0]
+    async with grpc.aio.insecure_channel(d.daemon.rpc.address) as channel:
+        s = stub(d, channel)
+        a: asyncio.Queue[pb.ReportRequest | None] = asyncio.Queue()
+        b: asyncio.Queue[pb.ReportRequest | None] = asyncio.Queue()
+
+        async def drain(q: asyncio.Queue[pb.ReportRequest | None]) -> AsyncIterator[Any]:
+            while (item := await q.get()) is not None:
+                yield item
+
+        call_a, call_b = s.Report(drain(a)), s.Report(drain(b))
+        await a.put(
+            pb.ReportRequest(connections=[pb.ConnectionEvent(instance_id="web-1", opened=3)])
+        )
+        await wait_for(lambda: d.call(lambda: tracker.count("web-1")) == 3)
+        d.call(lambda: table.replace("static", table.view.instances("web")[1:]))
+        d.call(lambda: table.replace("static", [web1, *table.view.instances("web")]))
+        await b.put(
+            pb.ReportRequest(connections=[pb.ConnectionEvent(instance_id="web-1", opened=2)])
+        )
+        await wait_for(lambda: d.call(lambda: tracker.count("web-1")) == 5)
+        await a.put(
+            pb.ReportRequest(connections=[pb.ConnectionEvent(instance_id="web-1", closed=3)])
+        )
+        await wait_for(lambda: d.call(lambda: tracker.count("web-1")) == 2)
+        await a.put(None)
+        assert (await call_a).released == 0
+        await b.put(None)
+        assert (await call_b).released == 2
+        assert d.call(lambda: tracker.counts()) == {}
+
+
 async def test_report_invalid_releases(start_daemon: Start) -> None:
     d = start_daemon(services(inst(1)))
     async with grpc.aio.insecure_channel(d.daemon.rpc.address) as channel:
@@ -269,7 +306,7 @@ async def test_report_invalid_releases(start_daemon: Start) -> None:
         code, details = await code_of(stub(d, channel).Report(iter(reqs)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert details == "connections[0].instance_id: must not be empty"
-    assert d.call(lambda: d.daemon.tracker.counts()) == {}
+    await wait_for(lambda: d.call(lambda: d.daemon.tracker.counts()) == {})
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -7,7 +7,8 @@ from resolverd.table import Change, ServiceTable, View, health_status
 
 
 def inst(i: str, name: str = "web", **kw: object) -> Instance:
-    return Instance(id=i, name=name, address="127.0.0.1", port=80, **kw)  # type: ignore[arg-type]
+    port = 1000 + sum(map(ord, i))  # a distinct endpoint per id
+    return Instance(id=i, name=name, address="127.0.0.1", port=port, **kw)  # type: ignore[arg-type]
 
 
 def test_replace_bumps_revision_and_reports_events() -> None:
@@ -86,3 +87,45 @@ def test_failing_subscriber_does_not_stop_others() -> None:
     unsubscribe()
     table.replace("static", [inst("b")])
     assert calls == [1]
+
+
+def test_same_endpoint_from_two_providers_is_one_instance_first_provider_wins() -> None:
+    table = ServiceTable(order=("consul", "static"))
+    shared = dict(name="web", address="127.0.0.5", port=80)
+    table.replace("static", [Instance(id="s-1", **shared)])  # type: ignore[arg-type]
+    table.replace("consul", [Instance(id="c-1", **shared)])  # type: ignore[arg-type]
+    assert [(i.id, i.provider) for i in table.view.instances("web")] == [("c-1", "consul")]
+    table.remove_provider("consul")
+    assert [i.id for i in table.view.instances("web")] == ["s-1"]
+
+
+def test_heartbeat_alone_is_not_a_change() -> None:
+    table = ServiceTable()
+    table.replace("static", [inst("a", last_heartbeat=1.0)])
+    assert table.replace("static", [inst("a", last_heartbeat=2.0)]) is None
+
+
+def test_provider_states_stale_and_recovery() -> None:
+    now = [100.0]
+    table = ServiceTable(order=("etcd",), clock=lambda: now[0])
+    assert not table.synced and not table.states()["etcd"].synced
+    table.replace("etcd", [inst("a")])
+    assert table.synced
+    now[0] = 130.0
+    table.mark_stale("etcd", "connection refused")
+    state = table.states()["etcd"]
+    assert state.stale and state.stale_since == 130.0 and state.error == "connection refused"
+    assert state.age(160.0) == 60.0
+    assert [i.id for i in table.view.instances("web")] == ["a"]  # still served
+    table.replace("etcd", [])  # reachable and empty is not stale
+    state = table.states()["etcd"]
+    assert not state.stale and state.instances == 0 and state.synced
+    assert table.view.instances("web") == ()
+
+
+def test_restore_is_stale_until_synced() -> None:
+    table = ServiceTable(order=("etcd",), clock=lambda: 500.0)
+    table.restore("etcd", [inst("a")], saved_at=400.0)
+    state = table.states()["etcd"]
+    assert state.restored and state.stale and not state.synced and state.age(500.0) == 100.0
+    assert [i.id for i in table.view.instances("web")] == ["a"]

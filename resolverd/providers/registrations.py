@@ -42,6 +42,8 @@ class StateFileError(Exception):
 
 
 class RegistrationsProvider:
+    NAME = NAME
+
     def __init__(self, state_file: str) -> None:
         self.name = NAME
         self.state_file = state_file
