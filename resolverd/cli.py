@@ -4,6 +4,7 @@ the API client commands `resolve`, `status`, `register`, `deregister`."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import json
 import os
@@ -208,12 +209,28 @@ def _endpoint_json(e: Endpoint) -> dict[str, object]:
 
 async def _status(client: Client, args: argparse.Namespace) -> None:
     status = await client.health_status()
+    providers = await client.provider_status()
     if args.json:
-        print(json.dumps(status))
+        print(
+            json.dumps(
+                {
+                    "services": status,
+                    "providers": [dataclasses.asdict(p) for p in providers],
+                }
+            )
+        )
         return
     columns = ("total", "healthy", "unhealthy", "critical")
     rows = [["SERVICE", *(c.upper() for c in columns)]]
     rows += [[name, *(str(counts[c]) for c in columns)] for name, counts in status.items()]
+    _print_table(rows)
+    print()
+    rows = [["PROVIDER", "TYPE", "STATE", "INSTANCES", "AGE", "ERROR"]]
+    for p in providers:
+        state = "stale" if p.stale else "synced" if p.synced else "starting"
+        rows.append(
+            [p.name, p.type, state, str(p.instances), f"{p.age_seconds:.0f}s", p.error or "-"]
+        )
     _print_table(rows)
 
 

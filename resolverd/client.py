@@ -52,6 +52,18 @@ _PROTO_HEALTH: Mapping[Health, pb.Health] = {h: p for p, h in _HEALTH.items()}
 
 
 @dataclass(frozen=True, slots=True)
+class ProviderStatus:
+    name: str
+    type: str
+    synced: bool
+    stale: bool
+    age_seconds: float
+    error: str
+    instances: int
+    restored: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     """One instance as resolverd reports it (the proto ``Endpoint``)."""
 
@@ -254,6 +266,26 @@ class Client:
                 pb.ListServicesRequest(), metadata=self._metadata, timeout=self._timeout
             )
         return {s.name: _endpoints(s.endpoints) for s in response.services}
+
+    async def provider_status(self) -> tuple[ProviderStatus, ...]:
+        """Each provider's freshness: synced, stale (serving its last snapshot), age."""
+        with _rpc_errors():
+            response: pb.GetHealthStatusResponse = await self._stub.GetHealthStatus(
+                pb.GetHealthStatusRequest(), metadata=self._metadata, timeout=self._timeout
+            )
+        return tuple(
+            ProviderStatus(
+                name=p.name,
+                type=p.type,
+                synced=p.synced,
+                stale=p.stale,
+                age_seconds=p.age_seconds,
+                error=p.error,
+                instances=p.instances,
+                restored=p.restored,
+            )
+            for p in response.providers
+        )
 
     async def health_status(self) -> dict[str, dict[str, int]]:
         """Per service: ``{"total", "healthy", "unhealthy", "critical"}`` instance counts."""

@@ -174,6 +174,15 @@ def default_state_file() -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class SnapshotConfig:
+    """An on-disk copy of the providers' snapshots, so a restart while a backend
+    is down still answers. Off unless `file` is set."""
+
+    file: str | None = None
+    max_age: float = 3600.0  # an older copy is ignored at start
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"  # debug | info | warning | error
     format: str = "auto"  # auto | json | console
@@ -190,6 +199,7 @@ class Config:
     log: LogConfig = LogConfig()
     api: ApiConfig = ApiConfig()
     registrations: RegistrationsConfig = RegistrationsConfig()
+    snapshot: SnapshotConfig = SnapshotConfig()
 
     def policy_for(self, service: str) -> BalancePolicy:
         """The service's strategy, or the default policy (names compare case-insensitively)."""
@@ -556,7 +566,9 @@ def _both_or_neither(options: Mapping[str, object], path: str, a: str, b: str) -
 
 def _config(data: object, file: str) -> Config:
     top = _section(
-        data, "", ("service_discovery", "load_balancing", "dns", "log", "api", "registrations")
+        data,
+        "",
+        ("service_discovery", "load_balancing", "dns", "log", "api", "registrations", "snapshot"),
     )
     base = os.path.dirname(os.path.abspath(file))
     providers, default_policy, health_check = _service_discovery(
@@ -573,6 +585,7 @@ def _config(data: object, file: str) -> Config:
         log=_record(top.get("log"), "log", LogConfig(), _LOG_FIELDS),
         api=_api(top.get("api"), "api", base),
         registrations=_registrations(top.get("registrations"), "registrations", base),
+        snapshot=_snapshot(top.get("snapshot"), "snapshot", base),
     )
 
 
@@ -610,7 +623,15 @@ _HEALTH_CHECK_FIELDS: dict[str, _Parser] = {
 _PROVIDER_KEYS: dict[str, tuple[str, ...]] = {
     "consul": ("consul",),
     "etcd": ("etcd",),
-    "kubernetes": ("namespace", "namespaces", "kubeconfig", "in_cluster", "annotations"),
+    "kubernetes": (
+        "namespace",
+        "namespaces",
+        "kubeconfig",
+        "in_cluster",
+        "annotations",
+        "reconnect_max",
+        "watch_timeout",
+    ),
     "static": ("static_services",),
 }
 _PROVIDER_TYPES = tuple(_PROVIDER_KEYS)
@@ -702,7 +723,7 @@ def _provider(entry: Mapping[str, object], path: str, *, kind: str, name: str) -
 
 def _consul(value: object, path: str) -> dict[str, object]:
     keys = ("host", "port", "datacenter", "scheme", "token", "ca_file", "cert_file", "key_file")
-    section = _section(value, path, (*keys, "verify"))
+    section = _section(value, path, (*keys, "verify", "wait", "reconnect_max"))
 
     def get(key: str, default: object = None) -> tuple[object, str]:
         return section.get(key, default), _key(path, key)
@@ -717,6 +738,9 @@ def _consul(value: object, path: str) -> dict[str, object]:
         "cert_file": _opt_str(*get("cert_file")),
         "key_file": _opt_str(*get("key_file")),
         "verify": _bool(*get("verify", True)),
+        # Blocking query wait; Consul caps it at 10m.
+        "wait": _bounded_duration(*get("wait", "5m"), hi=600.0),
+        "reconnect_max": _bounded_duration(*get("reconnect_max", "10s"), hi=3600.0),
     }
     _both_or_neither(options, path, "cert_file", "key_file")
     return options
@@ -724,7 +748,7 @@ def _consul(value: object, path: str) -> dict[str, object]:
 
 def _etcd(value: object, path: str) -> dict[str, object]:
     optional = ("username", "password", "ca_file", "cert_file", "key_file")
-    section = _section(value, path, ("endpoints", "prefix", *optional))
+    section = _section(value, path, ("endpoints", "prefix", "reconnect_max", *optional))
     endpoints_path = _key(path, "endpoints")
     endpoints: list[tuple[str, int]] = []
     for item, item_path in _one_or_list(
@@ -739,12 +763,22 @@ def _etcd(value: object, path: str) -> dict[str, object]:
     options: dict[str, object] = {
         "endpoints": tuple(endpoints),
         "prefix": _str(section.get("prefix", "/services/"), _key(path, "prefix")),
+        "reconnect_max": _bounded_duration(
+            section.get("reconnect_max", "10s"), _key(path, "reconnect_max"), hi=3600.0
+        ),
     }
     for key in optional:
         options[key] = _opt_str(section.get(key), _key(path, key))
     _both_or_neither(options, path, "username", "password")
     _both_or_neither(options, path, "cert_file", "key_file")
     return options
+
+
+def _bounded_duration(value: object, path: str, *, hi: float) -> float:
+    seconds = _duration(value, path)
+    if seconds > hi:
+        raise _Invalid(path, f"{seconds:g}s is longer than the maximum {hi:g}s")
+    return seconds
 
 
 def _endpoint(value: object, path: str) -> tuple[str, int]:
@@ -797,6 +831,13 @@ def _kubernetes(entry: Mapping[str, object], path: str) -> dict[str, object]:
         # None: auto (in-cluster when the service account token is mounted).
         "in_cluster": None if in_cluster is None else _bool(in_cluster, _key(path, "in_cluster")),
         "annotations": MappingProxyType(annotations),
+        "reconnect_max": _bounded_duration(
+            entry.get("reconnect_max", "10s"), _key(path, "reconnect_max"), hi=3600.0
+        ),
+        # Server-side timeout of each watch request (timeoutSeconds).
+        "watch_timeout": _bounded_duration(
+            entry.get("watch_timeout", "5m"), _key(path, "watch_timeout"), hi=3600.0
+        ),
     }
 
 
@@ -1040,3 +1081,13 @@ def _registrations(value: object, path: str, base: str) -> RegistrationsConfig:
     return RegistrationsConfig(
         state_file=_path(section["state_file"], _key(path, "state_file"), base)
     )
+
+
+def _snapshot(value: object, path: str, base: str) -> SnapshotConfig:
+    section = _section(value, path, ("file", "max_age"))
+    config = SnapshotConfig()
+    if section.get("file") is not None:
+        config = replace(config, file=_path(section["file"], _key(path, "file"), base))
+    if "max_age" in section:
+        config = replace(config, max_age=_duration(section["max_age"], _key(path, "max_age")))
+    return config

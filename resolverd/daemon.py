@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import grpc
 import structlog
 
+from resolverd import snapshot
 from resolverd.balancing import Balancer, ConnectionTracker, OutcomeStats
 from resolverd.config import Config, default_state_file
 from resolverd.dns.answers import Answerer
@@ -20,9 +22,13 @@ from resolverd.providers import Provider, create_provider
 from resolverd.providers.registrations import RegistrationsProvider
 from resolverd.rpc.server import RpcServer
 from resolverd.rpc.servicer import ResolverServicer, WatchHub
+from resolverd.snapshot import SnapshotWriter
 from resolverd.table import Change, ServiceTable, View
 
 log = structlog.get_logger(__name__)
+
+STALE_POLL_INTERVAL = 0.5
+STALE_REPORT_INTERVAL = 60.0
 
 
 class Daemon:
@@ -52,6 +58,14 @@ class Daemon:
         self.providers: list[Provider] = [create_provider(p) for p in config.providers]
         self.providers.append(self.registrations)
         self.hub = WatchHub()
+        # Providers whose snapshots the on-disk copy keeps (static and runtime
+        # registrations have their own sources).
+        self._persisted = [p.name for p in config.providers if p.type != "static"]
+        self.snapshots: SnapshotWriter | None = None
+        if config.snapshot.file is not None:
+            self.snapshots = SnapshotWriter(
+                self.table, config.snapshot.file, providers=self._persisted
+            )
         self.rpc = RpcServer(
             servicer=ResolverServicer(
                 config=config,
@@ -83,6 +97,15 @@ class Daemon:
     async def start(self) -> None:
         self._unsubscribe.append(self.table.subscribe(self._on_change))
         self._unsubscribe.append(self.table.subscribe(self.hub.on_change))
+        if self.snapshots is not None and self.config.snapshot.file is not None:
+            snapshot.restore(
+                self.table,
+                self.config.snapshot.file,
+                providers=self._persisted,
+                max_age=self.config.snapshot.max_age,
+            )
+            self._unsubscribe.append(self.table.subscribe(self.snapshots.on_change))
+            self._spawn(self.snapshots.run(), "snapshot-writer")
         self._unsubscribe.append(self.tracker.subscribe(self.answerer.connections_changed))
         for provider in self.providers:
             self._spawn(self._provider_task(provider), f"provider:{provider.name}")
@@ -97,11 +120,33 @@ class Daemon:
         log.info("daemon.started", providers=[p.name for p in self.providers])
 
     async def _ready(self) -> None:
-        """gRPC health turns SERVING once every provider has synced."""
-        while not self.table.synced:
+        """gRPC health turns SERVING once every provider has synced (or was
+        restored from the on-disk copy); then watch for staleness."""
+        while not self.table.ready:
             await asyncio.sleep(0.05)
         await self.rpc.set_serving()
         log.info("daemon.ready", revision=self.table.view.revision)
+        fresh: bool | None = None
+        last_report = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            states = self.table.states().values()
+            stale = [s for s in states if s.stale]
+            if (not stale) != fresh:
+                fresh = not stale
+                await self.rpc.set_providers_fresh(fresh)
+            if stale and loop.time() - last_report >= STALE_REPORT_INTERVAL:
+                last_report = loop.time()
+                now = time.time()
+                for state in stale:
+                    log.warning(
+                        "provider.serving_stale",
+                        provider=state.name,
+                        age_seconds=round(state.age(now) or 0.0, 1),
+                        instances=state.instances,
+                        error=state.error,
+                    )
+            await asyncio.sleep(STALE_POLL_INTERVAL)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -122,6 +167,11 @@ class Daemon:
         self.hub.close()
         await self.rpc.stop(grace)
         await self.dns.stop()
+        if self.snapshots is not None:
+            try:
+                self.snapshots.flush()
+            except OSError as exc:
+                log.warning("snapshot.write_failed", error=str(exc))
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

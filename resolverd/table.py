@@ -117,8 +117,11 @@ class ProviderState:
         return self.stale_since is not None
 
     def age(self, now: float) -> float | None:
-        """Seconds since the snapshot was last known good."""
-        return None if self.last_sync is None else max(0.0, now - self.last_sync)
+        """Seconds since the snapshot was last known good: 0 while the backend is
+        reachable, the time since it was lost while stale, None if never known."""
+        if self.stale_since is not None:
+            return max(0.0, now - self.stale_since)
+        return None if self.last_sync is None else 0.0
 
 
 class ServiceTable:
@@ -142,6 +145,11 @@ class ServiceTable:
     def synced(self) -> bool:
         """Every known provider has published from its backend at least once."""
         return all(state.synced for state in self._states.values())
+
+    @property
+    def ready(self) -> bool:
+        """Every known provider has something to serve: synced, or restored from disk."""
+        return all(state.synced or state.restored for state in self._states.values())
 
     def mark_stale(self, provider: str, error: str) -> None:
         """The provider lost its backend: keep serving its last snapshot."""

@@ -493,14 +493,26 @@ def test_cli_resolve(static_daemon: DaemonThread) -> None:
 def test_cli_status(static_daemon: DaemonThread) -> None:
     out = cli(static_daemon, "status")
     assert out.returncode == 0, out.stderr
-    assert [line.split() for line in out.stdout.splitlines()] == [
+    lines = [line.split() for line in out.stdout.splitlines()]
+    assert lines[:3] == [
         ["SERVICE", "TOTAL", "HEALTHY", "UNHEALTHY", "CRITICAL"],
         ["user-service", "2", "2", "0", "0"],
+        [],
+    ]
+    assert lines[3] == ["PROVIDER", "TYPE", "STATE", "INSTANCES", "AGE", "ERROR"]
+    assert [row[:4] for row in lines[4:]] == [
+        ["static", "static", "synced", "2"],
+        ["registrations", "registrations", "synced", "0"],
     ]
     out = cli(static_daemon, "status", "--json")
-    assert json.loads(out.stdout) == {
+    data = json.loads(out.stdout)
+    assert data["services"] == {
         "user-service": {"total": 2, "healthy": 2, "unhealthy": 0, "critical": 0}
     }
+    assert [(p["name"], p["synced"], p["stale"]) for p in data["providers"]] == [
+        ("static", True, False),
+        ("registrations", True, False),
+    ]
 
 
 def test_cli_register_and_deregister(start_daemon: Start) -> None:
@@ -518,7 +530,7 @@ def test_cli_register_and_deregister(start_daemon: Start) -> None:
     assert out.stdout.startswith("registered pay-1 (revision ")
 
     status = cli(d, "status", "--json")
-    assert json.loads(status.stdout)["payment-service"] == {
+    assert json.loads(status.stdout)["services"]["payment-service"] == {
         "total": 1,
         "healthy": 0,
         "unhealthy": 1,

@@ -539,3 +539,26 @@ def test_tcp_pipelined(static_daemon: DaemonThread) -> None:
                 replies.append(dns.message.from_wire(buf[2 : 2 + n]))
                 buf = buf[2 + n :]
     assert [r.id for r in replies] == [q.id for q in queries]
+
+
+def test_named_ports_srv_and_deduplicated_a(start_daemon: Start) -> None:
+    d = start_daemon(services(inst(1)))
+    pods = [
+        Instance(
+            id=f"pod-{n}-{port}",
+            name="api",
+            address=f"127.0.4.{n}",
+            port=number,
+            port_name=port,
+            protocol=proto,
+        )
+        for n in (1, 2)
+        for port, number, proto in (("http", 8080, "tcp"), ("dns", 53, "udp"))
+    ]
+    d.call(lambda: d.daemon.table.replace("kubernetes", pods))
+    http = ask(d, f"_http._tcp.api.{D}", "SRV")
+    assert sorted(p for _, p, _ in srv_targets(http)) == [8080, 8080]
+    udp = ask(d, f"_dns._udp.api.service.{D}", "SRV")
+    assert sorted(p for _, p, _ in srv_targets(udp)) == [53, 53]
+    assert ask(d, f"_dns._tcp.api.{D}", "SRV").rcode() == dns.rcode.NXDOMAIN
+    assert sorted(addresses(ask(d, f"api.{D}", "A"))) == ["127.0.4.1", "127.0.4.2"]

@@ -71,6 +71,14 @@ def test_grammar(
     assert (name.kind, name.service, name.tag, name.version) == (kind, service, tag, version)
 
 
+def test_named_port_form() -> None:
+    name = parse("_http._tcp.web.resolverd.internal.")
+    assert name is not None and name.kind is Kind.SERVICE
+    assert (name.service, name.port_name, name.protocol) == ("web", "http", "tcp")
+    with_keyword = parse("_grpc._udp.web.service.resolverd.internal.")
+    assert with_keyword is not None and with_keyword.port_name == "grpc"
+
+
 def test_instance_names() -> None:
     name = parse("user-service-1.user-service.instance.resolverd.internal.")
     assert name == Name(Kind.INSTANCE, D, D, service="user-service", instance="user-service-1")

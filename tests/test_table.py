@@ -115,7 +115,7 @@ def test_provider_states_stale_and_recovery() -> None:
     table.mark_stale("etcd", "connection refused")
     state = table.states()["etcd"]
     assert state.stale and state.stale_since == 130.0 and state.error == "connection refused"
-    assert state.age(160.0) == 60.0
+    assert state.age(160.0) == 30.0  # known good until it went stale at 130
     assert [i.id for i in table.view.instances("web")] == ["a"]  # still served
     table.replace("etcd", [])  # reachable and empty is not stale
     state = table.states()["etcd"]

@@ -432,6 +432,10 @@ class Answerer:
             for inst in self.view.instances(service)
             if (name.tag is None or name.tag in (t.lower() for t in inst.tags))
             and (name.version is None or version_label(inst.version) == name.version)
+            and (
+                name.port_name is None
+                or (inst.port_name == name.port_name and inst.protocol == name.protocol)
+            )
         ]
         if not matching:
             return self._negative(name, wire.NXDOMAIN)
@@ -464,7 +468,9 @@ class Answerer:
             if limit:
                 order = order[:limit]
             if qtype != SRV:
-                return Records(answer=[self._address_rr(qname, str(i.ip)) for i in order])
+                # One record per address: instances may share one (named ports).
+                ips = dict.fromkeys(str(i.ip) for i in order)
+                return Records(answer=[self._address_rr(qname, ip) for ip in ips])
             records = Records()
             for rank, inst in enumerate(order, start=1):
                 target = srv_target(inst, target_domain)

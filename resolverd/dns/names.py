@@ -9,6 +9,7 @@ served domain D (default ``resolverd.internal``)::
     v<version>.<service>.D                   one version (dots written as '-')
     [<tag>.]<service>.service[.<dc>].D       Consul's form
     _<service>._<tag|tcp|udp>[.service].D    RFC 2782 form (_tcp/_udp: no tag filter)
+    _<port>._<proto>.<service>[.service].D   a named port (Kubernetes), as CoreDNS
     <instance>.<service>.instance.D          one instance (SRV targets)
 
 and with no domain at all, for a known service: ``<service>.`` and
@@ -40,6 +41,8 @@ class Name:
     tag: str | None = None
     version: str | None = None  # label form, e.g. "1-2-0"
     instance: str | None = None  # instance label
+    port_name: str | None = None  # named port (with protocol)
+    protocol: str | None = None
 
 
 def split_labels(domain: str) -> tuple[str, ...]:
@@ -114,6 +117,11 @@ def _parse_relative(rel: tuple[str, ...], domain: tuple[str, ...], datacenter: s
             service=service,
             tag=None if tag in ("tcp", "udp") else tag,
         )
+    if len(rel) == 3 and rel[0].startswith("_") and rel[1].startswith("_"):
+        port, proto = rel[0][1:], rel[1][1:]
+        if not port or not proto or rel[2].startswith("_"):
+            return nx
+        return Name(Kind.SERVICE, domain, domain, service=rel[2], port_name=port, protocol=proto)
     if not rel or any(label.startswith("_") for label in rel):
         return nx
     if len(rel) == 1:

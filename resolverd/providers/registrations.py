@@ -9,10 +9,7 @@ crash or `kill -9`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import replace
 from typing import Any
@@ -20,6 +17,7 @@ from typing import Any
 import structlog
 
 from resolverd.config import parse_instance
+from resolverd.fileutil import atomic_write
 from resolverd.model import Instance
 from resolverd.table import ServiceTable
 
@@ -74,28 +72,11 @@ class RegistrationsProvider:
         log.info("registrations.loaded", file=self.state_file, instances=len(instances))
 
     def _write(self, instances: dict[str, Instance]) -> None:
-        folder = os.path.dirname(self.state_file) or "."
-        os.makedirs(folder, exist_ok=True)
         payload = {
             "version": FORMAT_VERSION,
             "instances": [_to_json(i) for i in sorted(instances.values(), key=lambda i: i.id)],
         }
-        fd, tmp = tempfile.mkstemp(prefix=".registrations.", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(payload, fh, indent=1, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.state_file)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write(self.state_file, json.dumps(payload, indent=1, sort_keys=True).encode())
 
     # -- provider ---------------------------------------------------------------
 

@@ -20,6 +20,8 @@ from resolverd.rpc.servicer import ResolverServicer
 log = structlog.get_logger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Resolver"].full_name
+# Health of the data: NOT_SERVING while any provider is stale (answers still flow).
+PROVIDERS_HEALTH = "resolverd.providers"
 
 
 def _credentials(api: ApiConfig) -> grpc.ServerCredentials | None:
@@ -94,6 +96,10 @@ class RpcServer:
     async def set_serving(self) -> None:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def set_providers_fresh(self, fresh: bool) -> None:
+        status = health_pb2.HealthCheckResponse
+        await self.health.set(PROVIDERS_HEALTH, status.SERVING if fresh else status.NOT_SERVING)
 
     async def not_serving(self) -> None:
         """Health says NOT_SERVING from now on (idempotent)."""

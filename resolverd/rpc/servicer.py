@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, NoReturn
 
@@ -320,11 +321,27 @@ class ResolverServicer:
         self, request: pb.GetHealthStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetHealthStatusResponse:
         view = self._table.view
+        now = time.time()
+        types = {p.name: p.type for p in self._config.providers}
+        providers = [
+            pb.ProviderStatus(
+                name=state.name,
+                type=types.get(state.name, state.name),
+                synced=state.synced,
+                stale=state.stale,
+                age_seconds=state.age(now) or 0.0,
+                error=state.error or "",
+                instances=state.instances,
+                restored=state.restored,
+            )
+            for state in self._table.states().values()
+        ]
         return pb.GetHealthStatusResponse(
             services={
                 name: pb.ServiceHealth(**counts) for name, counts in health_status(view).items()
             },
             revision=view.revision,
+            providers=providers,
         )
 
 

@@ -254,8 +254,28 @@ class ServiceHealth(_message.Message):
     critical: int
     def __init__(self, total: _Optional[int] = ..., healthy: _Optional[int] = ..., unhealthy: _Optional[int] = ..., critical: _Optional[int] = ...) -> None: ...
 
+class ProviderStatus(_message.Message):
+    __slots__ = ("name", "type", "synced", "stale", "age_seconds", "error", "instances", "restored")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    SYNCED_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
+    AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: str
+    synced: bool
+    stale: bool
+    age_seconds: float
+    error: str
+    instances: int
+    restored: bool
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., synced: _Optional[bool] = ..., stale: _Optional[bool] = ..., age_seconds: _Optional[float] = ..., error: _Optional[str] = ..., instances: _Optional[int] = ..., restored: _Optional[bool] = ...) -> None: ...
+
 class GetHealthStatusResponse(_message.Message):
-    __slots__ = ("services", "revision")
+    __slots__ = ("services", "revision", "providers")
     class ServicesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +285,8 @@ class GetHealthStatusResponse(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ServiceHealth, _Mapping]] = ...) -> None: ...
     SERVICES_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     services: _containers.MessageMap[str, ServiceHealth]
     revision: int
-    def __init__(self, services: _Optional[_Mapping[str, ServiceHealth]] = ..., revision: _Optional[int] = ...) -> None: ...
+    providers: _containers.RepeatedCompositeFieldContainer[ProviderStatus]
+    def __init__(self, services: _Optional[_Mapping[str, ServiceHealth]] = ..., revision: _Optional[int] = ..., providers: _Optional[_Iterable[_Union[ProviderStatus, _Mapping]]] = ...) -> None: ...
