@@ -51,10 +51,19 @@ def _key(inst: Instance) -> tuple[str, str]:
     return (inst.provider, inst.id)
 
 
+_SEVERITY = {Health.HEALTHY: 0, Health.UNHEALTHY: 1, Health.CRITICAL: 2}
+
+
+def worst(a: Health, b: Health) -> Health:
+    """Combined health: an instance is up only when every source says so."""
+    return a if _SEVERITY[a] >= _SEVERITY[b] else b
+
+
 def merge(
     snapshots: Mapping[str, tuple[Instance, ...]],
     revision: int,
     order: Sequence[str] = (),
+    checked: Mapping[tuple[str, str], Health] | None = None,
 ) -> View:
     """Union the providers' snapshots into a view, services sorted by name and
     instances by (id, provider) so the view does not depend on arrival order.
@@ -63,6 +72,9 @@ def merge(
     service at the same address, port and port name from two providers is one
     instance: the first provider's. An id held by two providers belongs to the
     first one in `by_id`.
+
+    `checked` is the active health checker's overlay, by (provider, id): the
+    view's health is the worse of the provider's and the checker's.
     """
     grouped: dict[str, list[Instance]] = {}
     by_id: dict[str, Instance] = {}
@@ -74,6 +86,10 @@ def merge(
             if endpoint in seen:
                 continue
             seen.add(endpoint)
+            if checked:
+                probe = checked.get((inst.provider, inst.id))
+                if probe is not None and worst(inst.health, probe) is not inst.health:
+                    inst = replace(inst, health=probe)
             grouped.setdefault(inst.name, []).append(inst)
             by_id.setdefault(inst.id, inst)
     services = {
@@ -134,6 +150,25 @@ class ServiceTable:
         self._order = tuple(order)
         self._clock = clock
         self._states: dict[str, ProviderState] = {name: ProviderState(name) for name in order}
+        self._checked: dict[tuple[str, str], Health] = {}
+
+    def provider_instances(self) -> tuple[Instance, ...]:
+        """Every instance as its provider reported it (before the health overlay)."""
+        return tuple(i for snapshot in self._snapshots.values() for i in snapshot)
+
+    def set_checked_health(self, results: Mapping[tuple[str, str], Health | None]) -> Change | None:
+        """Apply active health check results, by (provider, instance id); None
+        forgets a result. One table change for the whole batch."""
+        checked = dict(self._checked)
+        for key, health in results.items():
+            if health is None:
+                checked.pop(key, None)
+            else:
+                checked[key] = health
+        if checked == self._checked:
+            return None
+        self._checked = checked
+        return self._commit(dict(self._snapshots))
 
     def states(self) -> dict[str, ProviderState]:
         return dict(self._states)
@@ -234,7 +269,7 @@ class ServiceTable:
         return self._commit(snapshots)
 
     def _commit(self, snapshots: dict[str, tuple[Instance, ...]]) -> Change | None:
-        new = merge(snapshots, self._view.revision + 1, self._order)
+        new = merge(snapshots, self._view.revision + 1, self._order, self._checked)
         change = diff(self._view, new)
         self._snapshots = snapshots
         if not change.services:

@@ -129,3 +129,18 @@ def test_restore_is_stale_until_synced() -> None:
     state = table.states()["etcd"]
     assert state.restored and state.stale and not state.synced and state.age(500.0) == 100.0
     assert [i.id for i in table.view.instances("web")] == ["a"]
+
+
+def test_health_overlay_is_the_worse_of_provider_and_checker() -> None:
+    table = ServiceTable()
+    table.replace("static", [inst("a"), inst("b", health=Health.UNHEALTHY)])
+    change = table.set_checked_health(
+        {("static", "a"): Health.CRITICAL, ("static", "b"): Health.HEALTHY}
+    )
+    assert change is not None and {i.id for i in change.updated} == {"a"}
+    assert [i.health for i in table.view.instances("web")] == [Health.CRITICAL, Health.UNHEALTHY]
+    assert table.set_checked_health({("static", "a"): Health.CRITICAL}) is None  # no news
+    table.set_checked_health({("static", "a"): None})
+    assert table.view.instances("web")[0].health is Health.HEALTHY
+    # The provider's own view is untouched by the overlay.
+    assert {i.health for i in table.provider_instances()} == {Health.HEALTHY, Health.UNHEALTHY}
