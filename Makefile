@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CONFIG ?= examples/static.yaml
 
-.PHONY: run test lint typecheck unit bench check-config system-deps bench-deps clean
+.PHONY: run test lint typecheck unit bench check-config system-deps bench-deps protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,9 @@ run: $(STAMP)
 check-config: $(STAMP)
 	$(BIN)/resolverd check-config $(CONFIG)
 
-# Debian packages the tests drive: dig, kdig.
+# Debian packages the tests drive: dig, kdig, a real etcd server, openssl.
 system-deps:
-	@.ci/ensure-packages dig:bind9-dnsutils kdig:knot-dnsutils
+	@.ci/ensure-packages dig:bind9-dnsutils kdig:knot-dnsutils etcd:etcd-server openssl:openssl
 
 # The benchmark's peers: dnsperf and dnsmasq.
 bench-deps:
@@ -41,6 +41,12 @@ test: $(STAMP) system-deps lint typecheck unit
 
 bench: $(STAMP) bench-deps
 	$(BIN)/python bench/dnsbench.py
+	$(BIN)/python bench/grpcbench.py
+
+# Regenerate the gRPC code from protos/ (committed; a test fails when it is stale).
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. \
+		protos/resolverd/api/v1/resolver.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -424,12 +424,14 @@ class ConnectionTracker:
     map only holds instances with live connections.
     """
 
-    __slots__ = ("_counts", "_subscribers", "_view")
+    __slots__ = ("_counts", "_subscribers", "_view", "version")
 
     def __init__(self) -> None:
         self._counts: dict[str, int] = {}
         self._view: Mapping[str, int] = MappingProxyType(self._counts)
         self._subscribers: list[Callable[[str], None]] = []
+        # Bumped on every change, so derived data can tell it is out of date.
+        self.version = 0
 
     def opened(self, instance_id: str, n: int = 1) -> None:
         if n < 0:
@@ -482,6 +484,7 @@ class ConnectionTracker:
             self._notify(iid)
 
     def _notify(self, instance_id: str) -> None:
+        self.version += 1
         for callback in tuple(self._subscribers):
             try:
                 callback(instance_id)
@@ -616,6 +619,7 @@ class OutcomeStats:
 
     def __init__(self) -> None:
         self._stats: dict[str, Outcome] = {}
+        self.version = 0  # bumped on every record
 
     def record(self, instance_id: str, *, success: bool, latency_ms: float, count: int = 1) -> None:
         stats = self._stats.get(instance_id)
@@ -626,6 +630,7 @@ class OutcomeStats:
         else:
             stats.failures += count
         stats.average_latency_ms += self.ALPHA * (latency_ms - stats.average_latency_ms)
+        self.version += 1
 
     def get(self, instance_id: str) -> Outcome | None:
         return self._stats.get(instance_id)

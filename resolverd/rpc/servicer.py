@@ -19,7 +19,7 @@ import grpc
 import structlog
 
 from resolverd.api.v1 import resolver_pb2 as pb
-from resolverd.balancing import Balancer, ClientContext, OutcomeStats, effective_weight
+from resolverd.balancing import Balancer, ClientContext, OutcomeStats, Plan, effective_weight
 from resolverd.config import Config, Location
 from resolverd.dns.answers import srv_target
 from resolverd.model import Health, Instance, is_dns_label, parse_ip
@@ -35,6 +35,7 @@ HEALTH_TO_PB = {
 }
 HEALTH_FROM_PB = {v: k for k, v in HEALTH_TO_PB.items()}
 MUTATING = ("Register", "Deregister", "Report")
+MAX_CACHED = 10_000  # per derived-data cache; cleared whole when full
 
 
 class WatchHub:
@@ -91,6 +92,12 @@ class ResolverServicer:
         self._hub = hub
         self._token = config.api.token
         self._domain = config.dns.domains[0] + "."
+        self._endpoints: dict[tuple[str, str], tuple[Instance, pb.Endpoint]] = {}
+        PlanKey = tuple[str, str, tuple[str, ...], Location | None]
+        self._plans: dict[PlanKey, tuple[tuple[int, int], Plan, tuple[Instance, ...]]] = {}
+        self._responses: dict[
+            tuple[PlanKey, int, int], tuple[tuple[int, int, int], pb.ResolveResponse]
+        ] = {}
 
     # -- helpers --------------------------------------------------------------------
 
@@ -106,18 +113,9 @@ class ResolverServicer:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token is required")
 
     def endpoint(self, inst: Instance) -> pb.Endpoint:
-        ep = pb.Endpoint(
-            id=inst.id,
-            address=inst.address,
-            port=inst.port,
-            version=inst.version,
-            tags=inst.tags,
-            metadata=inst.metadata,
-            health=HEALTH_TO_PB[inst.health],
-            weight=min(round(effective_weight(inst)), 2**32 - 1),
-            provider=inst.provider,
-            target=srv_target(inst, self._domain),
-        )
+        """The endpoint message of an instance, with its live stats."""
+        ep = pb.Endpoint()
+        ep.CopyFrom(self._base_endpoint(inst))
         open_connections = self._tracker.count(inst.id)
         outcome = self._outcomes.get(inst.id)
         if open_connections or outcome is not None:
@@ -128,51 +126,97 @@ class ResolverServicer:
                 ep.stats.average_latency_ms = outcome.average_latency_ms
         return ep
 
+    def _base_endpoint(self, inst: Instance) -> pb.Endpoint:
+        """The instance's fields as a message, built once per instance object."""
+        key = (inst.provider, inst.id)
+        cached = self._endpoints.get(key)
+        if cached is not None and cached[0] is inst:
+            return cached[1]
+        ep = pb.Endpoint(
+            id=inst.id,
+            address=inst.address,
+            port=inst.port,
+            version=inst.version,
+            tags=inst.tags,
+            health=HEALTH_TO_PB[inst.health],
+            weight=min(round(effective_weight(inst)), 2**32 - 1),
+            provider=inst.provider,
+            target=srv_target(inst, self._domain),
+        )
+        if inst.metadata:
+            ep.metadata.update(dict(inst.metadata))
+        if len(self._endpoints) >= MAX_CACHED:
+            self._endpoints.clear()
+        self._endpoints[key] = (inst, ep)
+        return ep
+
     # -- Resolve --------------------------------------------------------------------
 
     async def Resolve(
         self, request: pb.ResolveRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ResolveResponse:
-        service = await _service_name(request.service, context)
-        tags = await _tags(request.tags, context)
+        error = _check_resolve(request)
+        if error is not None:
+            await _invalid(context, error)
+        service = request.service.lower()
+        tags = tuple(request.tags)
         client = request.client
-        address = client.address
-        if address and parse_ip(address) is None:
-            await _invalid(context, f"client.address: {address!r} is not an IP address")
-        location = await _location(client, context) or self._config.dns.client_location
+        location = _location_of(client) or self._config.dns.client_location
         view = self._table.view
-        known = view.instances(service)
-        if not known:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"service {service!r} is not known")
-        matching = _filter(known, request.version, tags)
-        if not matching:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"no instance of {service!r} matches version {request.version!r} "
-                f"and tags {list(tags)}",
-            )
+        policy = self._config.policy_for(service)
+        # The plan depends only on the view, the connection counts (for
+        # least_connections) and the request's filters: cache it on those.
+        key = (service, request.version, tags, location)
+        stamp = (view.revision, self._tracker.version)
+        cached = self._plans.get(key)
+        if cached is None or cached[0] != stamp:
+            known = view.instances(service)
+            if not known:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"service {service!r} is not known")
+            matching = _filter(known, request.version, tags)
+            if not matching:
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"no instance of {service!r} matches version {request.version!r} "
+                    f"and tags {list(tags)}",
+                )
+            plan = self._balancer.plan(service, matching, policy, location=location)
+            if len(self._plans) >= MAX_CACHED:
+                self._plans.clear()
+            cached = self._plans[key] = (stamp, plan, tuple(matching))
+        _stamp, plan, servable_from = cached
         ctx = ClientContext(
-            address=address or _peer_ip(context.peer()),
+            address=client.address or _peer_ip(context.peer()),
             session_key=client.session_key or None,
             location=location,
         )
-        policy = self._config.policy_for(service)
-        order = self._balancer.order(service, matching, policy, ctx)
-        if not order:
-            counts = {h.value: sum(1 for i in matching if i.health is h) for h in Health}
+        index = self._balancer.pick(service, plan, policy, ctx)
+        if index is None:
+            counts = {h.value: sum(1 for i in servable_from if i.health is h) for h in Health}
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
-                f"no healthy instance of {service!r} ({len(matching)} known: "
+                f"no healthy instance of {service!r} ({len(servable_from)} known: "
                 + ", ".join(f"{n} {h}" for h, n in counts.items() if n)
                 + ")",
             )
-        if request.limit:
-            order = order[: request.limit]
-        return pb.ResolveResponse(
-            endpoints=[self.endpoint(i) for i in order],
-            revision=view.revision,
-            ttl_seconds=self._config.dns.ttl,
-        )
+            raise AssertionError("abort returned")  # pragma: no cover
+        # The response for this pick, until anything it shows changes.
+        rkey = (key, index, request.limit)
+        rstamp = (view.revision, self._tracker.version, self._outcomes.version)
+        response = self._responses.get(rkey)
+        if response is None or response[0] != rstamp:
+            order = plan.order(index)
+            if request.limit:
+                order = order[: request.limit]
+            message = pb.ResolveResponse(
+                endpoints=[self.endpoint(i) for i in order],
+                revision=view.revision,
+                ttl_seconds=self._config.dns.ttl,
+            )
+            if len(self._responses) >= MAX_CACHED:
+                self._responses.clear()
+            response = self._responses[rkey] = (rstamp, message)
+        return response[1]
 
     # -- Report ---------------------------------------------------------------------
 
@@ -230,8 +274,11 @@ class ResolverServicer:
     async def Watch(
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchResponse]:
-        service = await _service_name(request.service, context)
-        tags = await _tags(request.tags, context)
+        error = _check_service(request.service) or _check_tags(request.tags)
+        if error is not None:
+            await _invalid(context, error)
+        service = request.service.lower()
+        tags = tuple(request.tags)
         wake = asyncio.Event()
         remove = self._hub.add(service, wake)
         sent: dict[str, Instance] | None = None
@@ -365,38 +412,43 @@ async def _registration_error(
     raise AssertionError("abort returned")  # pragma: no cover
 
 
-async def _service_name(name: str, context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    if not name:
-        await _invalid(context, "service: required")
-    if not is_dns_label(name):
-        await _invalid(context, f"service: {name!r} is not a DNS label")
-    return name.lower()
-
-
-async def _tags(
-    tags: Sequence[str], context: grpc.aio.ServicerContext[Any, Any]
-) -> tuple[str, ...]:
-    for i, tag in enumerate(tags):
-        if not tag:
-            await _invalid(context, f"tags[{i}]: must not be empty")
-    return tuple(tags)
-
-
-async def _location(
-    client: pb.ClientInfo, context: grpc.aio.ServicerContext[Any, Any]
-) -> Location | None:
+def _check_resolve(request: pb.ResolveRequest) -> str | None:
+    """The first problem with a Resolve request, naming its field."""
+    problem = _check_service(request.service) or _check_tags(request.tags)
+    if problem is not None:
+        return problem
+    client = request.client
+    if client.address and parse_ip(client.address) is None:
+        return f"client.address: {client.address!r} is not an IP address"
     has_lat, has_lon = client.HasField("latitude"), client.HasField("longitude")
     if has_lat != has_lon:
         missing, given = ("longitude", "latitude") if has_lat else ("latitude", "longitude")
-        await _invalid(context, f"client.{missing}: required with client.{given}")
-    if not has_lat:
+        return f"client.{missing}: required with client.{given}"
+    if has_lat and not -90 <= client.latitude <= 90:
+        return f"client.latitude: {client.latitude:g} is not a latitude (-90..90)"
+    if has_lon and not -180 <= client.longitude <= 180:
+        return f"client.longitude: {client.longitude:g} is not a longitude (-180..180)"
+    return None
+
+
+def _check_service(name: str) -> str | None:
+    if not name:
+        return "service: required"
+    if not is_dns_label(name):
+        return f"service: {name!r} is not a DNS label"
+    return None
+
+
+def _check_tags(tags: Sequence[str]) -> str | None:
+    for i, tag in enumerate(tags):
+        if not tag:
+            return f"tags[{i}]: must not be empty"
+    return None
+
+
+def _location_of(client: pb.ClientInfo) -> Location | None:
+    if not client.HasField("latitude"):
         return None
-    if not -90 <= client.latitude <= 90:
-        await _invalid(context, f"client.latitude: {client.latitude:g} is not a latitude (-90..90)")
-    if not -180 <= client.longitude <= 180:
-        await _invalid(
-            context, f"client.longitude: {client.longitude:g} is not a longitude (-180..180)"
-        )
     return Location(latitude=client.latitude, longitude=client.longitude)
 
 
