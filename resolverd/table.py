@@ -59,6 +59,37 @@ def worst(a: Health, b: Health) -> Health:
     return a if _SEVERITY[a] >= _SEVERITY[b] else b
 
 
+def merge_service(
+    groups: Sequence[tuple[Instance, ...]],
+    checked: Mapping[tuple[str, str], Health] | None = None,
+) -> tuple[Instance, ...]:
+    """One service's instances from its providers' groups (in provider order):
+    the same address, port and port name from two providers is one instance,
+    the first provider's; the health overlay applied; sorted by (id, provider)."""
+    seen: set[tuple[str, int, str]] = set()
+    merged: list[Instance] = []
+    for group in groups:
+        for inst in group:
+            endpoint = (inst.address, inst.port, inst.port_name)
+            if endpoint in seen:
+                continue
+            seen.add(endpoint)
+            if checked:
+                probe = checked.get((inst.provider, inst.id))
+                if probe is not None and worst(inst.health, probe) is not inst.health:
+                    inst = replace(inst, health=probe)
+            merged.append(inst)
+    merged.sort(key=lambda i: (i.id, i.provider))
+    return tuple(merged)
+
+
+def group_by_service(snapshot: Iterable[Instance]) -> dict[str, tuple[Instance, ...]]:
+    groups: dict[str, list[Instance]] = {}
+    for inst in snapshot:
+        groups.setdefault(inst.name, []).append(inst)
+    return {name: tuple(insts) for name, insts in groups.items()}
+
+
 def merge(
     snapshots: Mapping[str, tuple[Instance, ...]],
     revision: int,
@@ -76,26 +107,16 @@ def merge(
     `checked` is the active health checker's overlay, by (provider, id): the
     view's health is the worse of the provider's and the checker's.
     """
-    grouped: dict[str, list[Instance]] = {}
+    ranked = _ranked(snapshots, order)
+    groups = {provider: group_by_service(snapshots[provider]) for provider in ranked}
+    names = sorted({name for g in groups.values() for name in g})
+    services: dict[str, tuple[Instance, ...]] = {}
     by_id: dict[str, Instance] = {}
-    seen: set[tuple[str, str, int, str]] = set()
-    rank = {name: i for i, name in enumerate(order)}
-    for provider in sorted(snapshots, key=lambda p: (rank.get(p, len(rank)), p)):
-        for inst in snapshots[provider]:
-            endpoint = (inst.name, inst.address, inst.port, inst.port_name)
-            if endpoint in seen:
-                continue
-            seen.add(endpoint)
-            if checked:
-                probe = checked.get((inst.provider, inst.id))
-                if probe is not None and worst(inst.health, probe) is not inst.health:
-                    inst = replace(inst, health=probe)
-            grouped.setdefault(inst.name, []).append(inst)
+    for name in names:
+        merged = merge_service([groups[p].get(name, ()) for p in ranked], checked)
+        services[name] = merged
+        for inst in merged:
             by_id.setdefault(inst.id, inst)
-    services = {
-        name: tuple(sorted(insts, key=lambda i: (i.id, i.provider)))
-        for name, insts in sorted(grouped.items())
-    }
     return View(
         revision=revision,
         services=MappingProxyType(services),
@@ -103,15 +124,9 @@ def merge(
     )
 
 
-def diff(old: View, new: View) -> Change:
-    before = {_key(i): i for insts in old.services.values() for i in insts}
-    after = {_key(i): i for insts in new.services.values() for i in insts}
-    registered = tuple(i for k, i in after.items() if k not in before)
-    deregistered = tuple(i for k, i in before.items() if k not in after)
-    updated = tuple(i for k, i in after.items() if k in before and before[k] != i)
-    services = frozenset(i.name for i in (*registered, *deregistered, *updated))
-    services |= frozenset(before[_key(i)].name for i in updated)
-    return Change(new.revision, registered, deregistered, updated, services)
+def _ranked(providers: Iterable[str], order: Sequence[str]) -> list[str]:
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(providers, key=lambda p: (rank.get(p, len(rank)), p))
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +166,10 @@ class ServiceTable:
         self._clock = clock
         self._states: dict[str, ProviderState] = {name: ProviderState(name) for name in order}
         self._checked: dict[tuple[str, str], Health] = {}
+        # Per provider: its snapshot grouped by service, and each id's service,
+        # so a change rebuilds only the services it touched.
+        self._groups: dict[str, dict[str, tuple[Instance, ...]]] = {}
+        self._service_of: dict[str, dict[str, list[str]]] = {}
 
     def provider_instances(self) -> tuple[Instance, ...]:
         """Every instance as its provider reported it (before the health overlay)."""
@@ -167,8 +186,13 @@ class ServiceTable:
                 checked[key] = health
         if checked == self._checked:
             return None
+        touched = {
+            service
+            for provider, instance_id in results
+            for service in self._service_of.get(provider, {}).get(instance_id, ())
+        }
         self._checked = checked
-        return self._commit(dict(self._snapshots))
+        return self._commit(touched)
 
     def states(self) -> dict[str, ProviderState]:
         return dict(self._states)
@@ -254,27 +278,74 @@ class ServiceTable:
         snapshot = tuple(
             i if i.provider == provider else _with_provider(i, provider) for i in instances
         )
-        if self._snapshots.get(provider) == snapshot and provider in self._snapshots:
+        if provider in self._snapshots and self._snapshots[provider] == snapshot:
             return None
-        snapshots = dict(self._snapshots)
-        snapshots[provider] = snapshot
-        return self._commit(snapshots)
+        groups = group_by_service(snapshot)
+        old = self._groups.get(provider, {})
+        touched = {n for n in groups.keys() | old.keys() if groups.get(n) != old.get(n)}
+        self._snapshots = {**self._snapshots, provider: snapshot}
+        self._groups[provider] = groups
+        service_of: dict[str, list[str]] = {}
+        for inst in snapshot:
+            service_of.setdefault(inst.id, []).append(inst.name)
+        self._service_of[provider] = service_of
+        return self._commit(touched)
 
     def remove_provider(self, provider: str) -> Change | None:
         if provider not in self._snapshots:
             return None
-        snapshots = dict(self._snapshots)
-        del snapshots[provider]
+        touched = set(self._groups.pop(provider, {}))
+        self._service_of.pop(provider, None)
+        self._snapshots = {k: v for k, v in self._snapshots.items() if k != provider}
         self._states.pop(provider, None)
-        return self._commit(snapshots)
+        return self._commit(touched)
 
-    def _commit(self, snapshots: dict[str, tuple[Instance, ...]]) -> Change | None:
-        new = merge(snapshots, self._view.revision + 1, self._order, self._checked)
-        change = diff(self._view, new)
-        self._snapshots = snapshots
-        if not change.services:
+    def _commit(self, touched: set[str]) -> Change | None:
+        """Rebuild the touched services only, then publish a new view."""
+        old = self._view
+        services = dict(old.services)
+        by_id: dict[str, Instance]
+        ranked = _ranked(self._groups, self._order)
+        registered: list[Instance] = []
+        deregistered: list[Instance] = []
+        updated: list[Instance] = []
+        changed: set[str] = set()
+        for name in touched:
+            before_insts = old.services.get(name, ())
+            after_insts = merge_service(
+                [self._groups[p].get(name, ()) for p in ranked], self._checked
+            )
+            if before_insts == after_insts:
+                continue
+            changed.add(name)
+            if after_insts:
+                services[name] = after_insts
+            else:
+                services.pop(name, None)
+            before = {_key(i): i for i in before_insts}
+            after = {_key(i): i for i in after_insts}
+            registered += [i for k, i in after.items() if k not in before]
+            deregistered += [i for k, i in before.items() if k not in after]
+            updated += [i for k, i in after.items() if k in before and before[k] != i]
+        if not changed:
             # Same content (e.g. reordered): keep the revision, caches stay valid.
             return None
+        if services.keys() != old.services.keys():
+            services = dict(sorted(services.items()))
+        # Ids held twice resolve the same way as in a full merge: first by
+        # service name, then provider order. A linear pass, no merging.
+        by_id = {}
+        for insts in services.values():
+            for inst in insts:
+                by_id.setdefault(inst.id, inst)
+        new = View(
+            revision=old.revision + 1,
+            services=MappingProxyType(services),
+            by_id=MappingProxyType(by_id),
+        )
+        change = Change(
+            new.revision, tuple(registered), tuple(deregistered), tuple(updated), frozenset(changed)
+        )
         self._view = new
         for callback in tuple(self._subscribers):
             try:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
 from resolverd.model import Health, Instance
-from resolverd.table import Change, ServiceTable, View, health_status
+from resolverd.table import Change, ServiceTable, View, health_status, merge
 
 
 def inst(i: str, name: str = "web", **kw: object) -> Instance:
@@ -144,3 +149,36 @@ def test_health_overlay_is_the_worse_of_provider_and_checker() -> None:
     assert table.view.instances("web")[0].health is Health.HEALTHY
     # The provider's own view is untouched by the overlay.
     assert {i.health for i in table.provider_instances()} == {Health.HEALTHY, Health.UNHEALTHY}
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["etcd", "consul", "static"]),
+            st.lists(
+                st.tuples(
+                    st.sampled_from("abcdef"),  # id
+                    st.sampled_from(["web", "api", "db"]),  # service
+                    st.integers(1, 4),  # port: collisions across providers are likely
+                    st.sampled_from(list(Health)),
+                ),
+                max_size=8,
+            ),
+        ),
+        max_size=12,
+    )
+)
+def test_incremental_view_equals_a_full_merge(steps: list[tuple[str, list[Any]]]) -> None:
+    """The table rebuilds only touched services; the result must be what
+    merging everything from scratch gives."""
+    table = ServiceTable(order=("consul", "etcd"))
+    for provider, items in steps:
+        snapshot = [
+            Instance(id=i, name=svc, address="127.0.0.1", port=port, health=h)
+            for i, svc, port, h in items
+        ]
+        table.replace(provider, snapshot)
+        full = merge(table.snapshots(), table.view.revision, ("consul", "etcd"))
+        assert dict(table.view.services) == dict(full.services)
+        assert list(table.view.services) == sorted(table.view.services)
+        assert {k: v for k, v in table.view.by_id.items()} == dict(full.by_id)
