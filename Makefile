@@ -23,9 +23,9 @@ check-config: $(STAMP)
 system-deps:
 	@.ci/ensure-packages dig:bind9-dnsutils kdig:knot-dnsutils etcd:etcd-server openssl:openssl
 
-# The benchmark's peers: dnsperf and dnsmasq.
+# The benchmarks' peers and backends: dnsperf, dnsmasq, etcd.
 bench-deps:
-	@.ci/ensure-packages dnsperf:dnsperf dnsmasq:dnsmasq-base
+	@.ci/ensure-packages dnsperf:dnsperf dnsmasq:dnsmasq-base etcd:etcd-server
 
 lint: $(STAMP)
 	$(BIN)/ruff check resolverd tests bench
@@ -42,6 +42,8 @@ test: $(STAMP) system-deps lint typecheck unit
 bench: $(STAMP) bench-deps
 	$(BIN)/python bench/dnsbench.py
 	$(BIN)/python bench/grpcbench.py
+	$(BIN)/python bench/propagation.py
+	$(BIN)/python bench/forwardbench.py
 
 # Regenerate the gRPC code from protos/ (committed; a test fails when it is stale).
 protos: $(STAMP)

@@ -4,8 +4,8 @@ the API client commands `resolve`, `status`, `register`, `deregister`."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import asyncio
+import dataclasses
 import json
 import os
 import sys

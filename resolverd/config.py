@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from ipaddress import IPv6Address
+from ipaddress import IPv6Address, ip_network
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -30,6 +30,7 @@ from resolverd.model import Health, Instance, is_dns_label, parse_ip
 __all__ = [
     "Algorithm",
     "BalancePolicy",
+    "CheckType",
     "Config",
     "ConfigError",
     "DnsConfig",
@@ -97,13 +98,28 @@ class BalancePolicy:
     sticky_max_entries: int = 10000
 
 
+class CheckType(StrEnum):
+    HTTP = "http"  # GET path: 2xx healthy, any other status unhealthy, no answer critical
+    TCP = "tcp"  # connect: accepted healthy, refused or timed out critical
+
+
 @dataclass(frozen=True, slots=True)
 class HealthCheckConfig:
-    # Off unless asked: the seed's example addresses (10.0.1.x) must never be probed.
+    """Active health checks (resolverd/health.py). ``service_discovery.health_check``
+    is the default; a providers entry's ``health_check`` and then a
+    ``load_balancing.strategies.<service>.health_check`` override it key by key."""
+
+    # Off unless asked: the seed's example addresses (10.0.1.x) must never be
+    # probed, and instances of remote providers may not be reachable from here.
     enabled: bool = False
     interval: float = 10.0
     timeout: float = 5.0
     path: str = "/health"
+    type: CheckType = CheckType.HTTP
+    healthy_threshold: int = 2  # consecutive successes before an instance is healthy
+    unhealthy_threshold: int = 3  # consecutive failures before it is unhealthy/critical
+    concurrency: int = 100  # probes in flight, all instances; service_discovery's only
+    jitter: float = 0.1  # each interval varies by up to +-this fraction
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +141,26 @@ class SoaConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ForwardConfig:
+    """Names outside the served zones go to upstream resolvers."""
+
+    # None: the nameservers of /etc/resolv.conf minus resolverd's own addresses;
+    # an empty tuple turns forwarding off (such names get REFUSED).
+    upstreams: tuple[tuple[str, int], ...] | None = None
+    policy: str = "sequential"  # sequential | round_robin | random (as CoreDNS forward)
+    timeout: float = 2.0  # per upstream attempt
+    max_concurrent: int = 1000  # upstream queries in flight; beyond: SERVFAIL
+    # Clients allowed recursion; None: loopback and resolverd's listen addresses.
+    allow: tuple[str, ...] | None = None
+    cache_size: int = 10000  # entries; 0 turns the cache off
+    min_ttl: int = 0
+    max_ttl: int = 3600
+    max_negative_ttl: int = 300
+    serve_stale: bool = False  # RFC 8767: expired answers when every upstream fails
+    stale_max_age: float = 86400.0
+
+
+@dataclass(frozen=True, slots=True)
 class DnsConfig:
     listen_udp: tuple[tuple[str, int], ...] = (("127.0.0.1", 53),)
     listen_tcp: tuple[tuple[str, int], ...] = (("127.0.0.1", 53),)
@@ -135,6 +171,7 @@ class DnsConfig:
     max_udp_size: int = 1232
     client_location: Location | None = None
     soa: SoaConfig = SoaConfig()
+    forward: ForwardConfig = ForwardConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,10 +237,34 @@ class Config:
     api: ApiConfig = ApiConfig()
     registrations: RegistrationsConfig = RegistrationsConfig()
     snapshot: SnapshotConfig = SnapshotConfig()
+    # Health check overrides: resolved per provider name; per lowercase service
+    # only the keys given, applied over the provider's (most specific wins).
+    provider_health_checks: Mapping[str, HealthCheckConfig] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False
+    )
+    service_health_checks: Mapping[str, Mapping[str, Any]] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False
+    )
 
     def policy_for(self, service: str) -> BalancePolicy:
         """The service's strategy, or the default policy (names compare case-insensitively)."""
         return self.policies.get(service.lower().rstrip("."), self.default_policy)
+
+    def health_check_for(self, provider: str, service: str) -> HealthCheckConfig:
+        """The active health check of `service`'s instances from `provider`:
+        the strategy's keys over the providers entry's over service_discovery's."""
+        base = self.provider_health_checks.get(provider, self.health_check)
+        changes = self.service_health_checks.get(service.lower().rstrip("."))
+        return replace(base, **changes) if changes else base
+
+    @property
+    def health_checks_enabled(self) -> bool:
+        """Whether any provider or service has active health checks on."""
+        return (
+            self.health_check.enabled
+            or any(c.enabled for c in self.provider_health_checks.values())
+            or any(c.get("enabled") is True for c in self.service_health_checks.values())
+        )
 
 
 # --------------------------------------------------------------------------- public parsers
@@ -365,7 +426,7 @@ class _Invalid(Exception):
 
 
 _Parser = Callable[[object, str], object]
-_R = TypeVar("_R", BalancePolicy, HealthCheckConfig, SoaConfig, LogConfig)
+_R = TypeVar("_R", BalancePolicy, HealthCheckConfig, SoaConfig, LogConfig, ForwardConfig)
 
 
 def _key(path: str, key: str) -> str:
@@ -575,6 +636,8 @@ def _config(data: object, file: str) -> Config:
         _required(top, "", "service_discovery"), "service_discovery"
     )
     policies = _load_balancing(top.get("load_balancing"), "load_balancing", default_policy)
+    provider_checks = _provider_health_checks(top["service_discovery"], providers, health_check)
+    service_checks = _service_health_checks(top.get("load_balancing"))
     return Config(
         file=file,
         dns=_dns(top.get("dns"), "dns"),
@@ -586,6 +649,10 @@ def _config(data: object, file: str) -> Config:
         api=_api(top.get("api"), "api", base),
         registrations=_registrations(top.get("registrations"), "registrations", base),
         snapshot=_snapshot(top.get("snapshot"), "snapshot", base),
+        provider_health_checks=MappingProxyType(provider_checks),
+        service_health_checks=MappingProxyType(
+            {name: MappingProxyType(changes) for name, changes in service_checks.items()}
+        ),
     )
 
 
@@ -611,12 +678,75 @@ _POLICY_FIELDS: dict[str, _Parser] = {
     "sticky_max_entries": lambda v, p: _int(v, p, lo=1),
 }
 
+
+def _fraction(value: object, path: str) -> float:
+    number = _number(value, path)
+    if not 0 <= number <= 1:
+        raise _Invalid(path, f"{number:g} is not a fraction (0..1)")
+    return number
+
+
 _HEALTH_CHECK_FIELDS: dict[str, _Parser] = {
     "enabled": _bool,
+    "type": lambda v, p: CheckType(_choice(v, p, [t.value for t in CheckType])),
     "interval": _duration,
     "timeout": _duration,
     "path": _http_path,
+    "healthy_threshold": lambda v, p: _int(v, p, lo=1, hi=100),
+    "unhealthy_threshold": lambda v, p: _int(v, p, lo=1, hi=100),
+    "concurrency": lambda v, p: _int(v, p, lo=1, hi=10000),
+    "jitter": _fraction,
 }
+
+
+def _health_check_changes(value: object, path: str) -> dict[str, Any]:
+    """The keys of an overriding health_check section (a providers entry's or a
+    strategy's), parsed; what it does not set comes from the wider section."""
+    section = _section(value, path, _HEALTH_CHECK_FIELDS)
+    if "concurrency" in section:
+        raise _Invalid(
+            _key(path, "concurrency"),
+            "only valid in service_discovery.health_check (one cap for all probes)",
+        )
+    return {k: _HEALTH_CHECK_FIELDS[k](raw, _key(path, k)) for k, raw in section.items()}
+
+
+def _provider_health_checks(
+    sd: object, providers: Sequence[ProviderConfig], default: HealthCheckConfig
+) -> dict[str, HealthCheckConfig]:
+    """Each providers entry's health_check over the default, by provider name.
+    Runs after _service_discovery, so the list's shape is known to be valid."""
+    items = sd.get("providers") if isinstance(sd, Mapping) else None
+    if not isinstance(items, list | tuple):
+        return {}
+    checks: dict[str, HealthCheckConfig] = {}
+    for i, (item, provider) in enumerate(zip(items, providers, strict=True)):
+        if isinstance(item, Mapping) and "health_check" in item:
+            path = _key(_item("service_discovery.providers", i), "health_check")
+            checks[provider.name] = replace(
+                default, **_health_check_changes(item["health_check"], path)
+            )
+    return checks
+
+
+def _service_health_checks(value: object) -> dict[str, dict[str, Any]]:
+    """load_balancing.strategies.<service>.health_check keys, by lowercase service.
+    Runs after _load_balancing, so names and shapes are known to be valid."""
+    if not isinstance(value, Mapping) or not isinstance(value.get("strategies"), Mapping):
+        return {}
+    checks: dict[str, dict[str, Any]] = {}
+    for name, raw in value["strategies"].items():
+        if isinstance(raw, Mapping) and "health_check" in raw:
+            path = f"load_balancing.strategies.{name}.health_check"
+            checks[str(name).lower()] = _health_check_changes(raw["health_check"], path)
+    return checks
+
+
+def _without_health_check(value: object) -> object:
+    """A strategy's mapping minus health_check, which is not a balancing key."""
+    if isinstance(value, Mapping):
+        return {k: v for k, v in value.items() if k != "health_check"}
+    return value
 
 
 # Keys of service_discovery (or of a providers entry) owned by one provider type.
@@ -676,7 +806,7 @@ def _provider_list(value: object, path: str) -> tuple[ProviderConfig, ...]:
     taken: set[str] = set()
     for i, item in enumerate(items):
         entry_path = _item(path, i)
-        entry = _section(item, entry_path, ("type", "name", *_KEY_OWNER))
+        entry = _section(item, entry_path, ("type", "name", "health_check", *_KEY_OWNER))
         kind = _choice(
             _required(entry, entry_path, "type"), _key(entry_path, "type"), _PROVIDER_TYPES
         )
@@ -905,7 +1035,7 @@ def _load_balancing(value: object, path: str, default: BalancePolicy) -> dict[st
         if service in policies:
             raise _Invalid(entry_path, f"duplicate service {service!r}")
         # Unspecified keys inherit service_discovery.load_balancer's values.
-        policies[service] = _record(raw, entry_path, default, _POLICY_FIELDS)
+        policies[service] = _record(_without_health_check(raw), entry_path, default, _POLICY_FIELDS)
     return policies
 
 
@@ -985,7 +1115,55 @@ _DNS_FIELDS: dict[str, _Parser] = {
     "max_udp_size": lambda v, p: _int(v, p, lo=512, hi=65535),
     "client_location": lambda v, p: None if v is None else _location(v, p),
     "soa": lambda v, p: _record(v, p, SoaConfig(), _SOA_FIELDS),
+    "forward": lambda v, p: _forward(v, p),
 }
+
+
+def _upstreams(value: object, path: str) -> tuple[tuple[str, int], ...]:
+    upstreams: list[tuple[str, int]] = []
+    for item, item_path in _one_or_list(value, path):
+        try:
+            host, port = _split_hostport(_str(item, item_path), default_port=53, min_port=1)
+        except ValueError as exc:
+            raise _Invalid(item_path, str(exc)) from None
+        if parse_ip(host) is None:
+            raise _Invalid(item_path, f"{host!r} is not an IP address")
+        if (host, port) in upstreams:
+            raise _Invalid(item_path, f"duplicate upstream {item!r}")
+        upstreams.append((host, port))
+    return tuple(upstreams)
+
+
+def _networks(value: object, path: str) -> tuple[str, ...]:
+    networks: list[str] = []
+    for item, item_path in _one_or_list(value, path):
+        try:
+            networks.append(str(ip_network(_str(item, item_path), strict=False)))
+        except ValueError:
+            raise _Invalid(item_path, f"{item!r} is not an IP network") from None
+    return tuple(networks)
+
+
+_FORWARD_FIELDS: dict[str, _Parser] = {
+    "upstreams": _upstreams,
+    "policy": lambda v, p: _choice(v, p, ("sequential", "round_robin", "random")),
+    "timeout": _duration,
+    "max_concurrent": lambda v, p: _int(v, p, lo=1),
+    "allow": _networks,
+    "cache_size": lambda v, p: _int(v, p, lo=0),
+    "min_ttl": _u31,
+    "max_ttl": _u31,
+    "max_negative_ttl": _u31,
+    "serve_stale": _bool,
+    "stale_max_age": _duration,
+}
+
+
+def _forward(value: object, path: str) -> ForwardConfig:
+    forward = _record(value, path, ForwardConfig(), _FORWARD_FIELDS)
+    if forward.min_ttl > forward.max_ttl:
+        raise _Invalid(_key(path, "min_ttl"), f"{forward.min_ttl} is above max_ttl")
+    return forward
 
 
 # --------------------------------------------------------------------------- api, registrations

@@ -5,6 +5,7 @@ them down in order."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -17,7 +18,9 @@ from resolverd import snapshot
 from resolverd.balancing import Balancer, ConnectionTracker, OutcomeStats
 from resolverd.config import Config, default_state_file
 from resolverd.dns.answers import Answerer
+from resolverd.dns.forward import Forwarder, default_allow, resolv_conf_upstreams
 from resolverd.dns.server import DnsServer
+from resolverd.health import HealthChecker
 from resolverd.providers import Provider, create_provider
 from resolverd.providers.registrations import RegistrationsProvider
 from resolverd.rpc.server import RpcServer
@@ -41,11 +44,13 @@ class Daemon:
         )
         self.tracker = ConnectionTracker()
         self.balancer = Balancer(tracker=self.tracker)
+        self.forwarder = _forwarder(config)
         self.answerer = Answerer(
             config=config.dns,
             balancer=self.balancer,
             policy_for=config.policy_for,
             view=self.table.view,
+            forwarder=self.forwarder,
         )
         self.dns = DnsServer(self.answerer)
         self.outcomes = OutcomeStats()
@@ -80,6 +85,12 @@ class Daemon:
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._unsubscribe: list[Callable[[], None]] = []
+        # -- active health checks (resolverd/health.py): only built when some
+        # provider or service enables them; off by default.
+        self.health: HealthChecker | None = None
+        if config.health_checks_enabled:
+            self.health = HealthChecker(self.table, config)
+        # -- end health checks
 
     def _on_change(self, view: View, change: Change) -> None:
         self.balancer.retain(view.by_id.keys())
@@ -109,6 +120,11 @@ class Daemon:
         self._unsubscribe.append(self.tracker.subscribe(self.answerer.connections_changed))
         for provider in self.providers:
             self._spawn(self._provider_task(provider), f"provider:{provider.name}")
+        # -- health checks: stopped with the other tasks in stop() (cancelled; its
+        # run() closes its probes and HTTP session on the way out).
+        if self.health is not None:
+            self._spawn(self.health.run(), "health-checker")
+        # -- end health checks
         await asyncio.sleep(0)  # let providers publish their first snapshot
         try:
             await self.dns.start(udp=self.config.dns.listen_udp, tcp=self.config.dns.listen_tcp)
@@ -117,6 +133,10 @@ class Daemon:
             await self.stop()
             raise
         self._spawn(self._ready(), "ready")
+        # The start-up heap (config, table, modules) lives as long as the daemon:
+        # keep it out of the collector's generations, so full collections stay
+        # short while probes and queries churn young objects.
+        gc.freeze()
         log.info("daemon.started", providers=[p.name for p in self.providers])
 
     async def _ready(self) -> None:
@@ -185,6 +205,26 @@ class Daemon:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _forwarder(config: Config) -> Forwarder:
+    dns = config.dns
+    own = [host for host, _port in (*dns.listen_udp, *dns.listen_tcp)]
+    upstreams = dns.forward.upstreams
+    if upstreams is None:
+        upstreams = resolv_conf_upstreams(exclude=own)
+    forwarder = Forwarder(
+        dns.forward,
+        upstreams=upstreams,
+        allow=dns.forward.allow or default_allow((*dns.listen_udp, *dns.listen_tcp)),
+        max_udp_size=dns.max_udp_size,
+    )
+    log.info(
+        "dns.forwarding",
+        upstreams=[f"{h}:{p}" for h, p in upstreams],
+        policy=dns.forward.policy,
+    )
+    return forwarder
 
 
 async def serve(config: Config) -> None:

@@ -70,6 +70,10 @@ def config_from(data: dict[str, Any], *, file: str = "test.yaml") -> Config:
     dns["listen"] = "127.0.0.1:0"
     dns.pop("listen_udp", None)
     dns.pop("listen_tcp", None)
+    # Never the machine's resolv.conf nameservers: forwarding tests name their own.
+    forward = dict(dns.get("forward") or {})
+    forward.setdefault("upstreams", [])
+    dns["forward"] = forward
     data["dns"] = dns
     api = dict(data.get("api") or {})
     api.setdefault("listen", "127.0.0.1:0")

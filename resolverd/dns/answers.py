@@ -24,6 +24,7 @@ import structlog
 from resolverd.balancing import Balancer, ClientContext, Plan
 from resolverd.config import Algorithm, BalancePolicy, DnsConfig
 from resolverd.dns import wire
+from resolverd.dns.forward import Forwarder
 from resolverd.dns.names import Kind, Name, parse_name, split_labels
 from resolverd.model import Instance, label_for, parse_ip, version_label
 from resolverd.table import View
@@ -46,6 +47,16 @@ class Records:
     additional: list[dnslib.RR] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """The answer must come from upstream: `Answerer.forward` gets it."""
+
+    query: wire.Query
+    data: bytes
+    key: bytes
+    tcp: bool
+
+
 @dataclass(slots=True)
 class Outcome:
     rcode: int
@@ -56,6 +67,7 @@ class Outcome:
     plan: Plan | None = None
     service: str | None = None
     policy: BalancePolicy | None = None
+    recursion: bool = False  # RA: this answer comes from the forwarding resolver
 
 
 class Entry:
@@ -115,8 +127,10 @@ class Answerer:
         balancer: Balancer,
         policy_for: Callable[[str], BalancePolicy],
         view: View,
+        forwarder: Forwarder | None = None,
     ) -> None:
         self.config = config
+        self.forwarder = forwarder if forwarder is not None and forwarder.enabled else None
         self.balancer = balancer
         self.policy_for = policy_for
         self.view = view
@@ -130,8 +144,13 @@ class Answerer:
     # -- invalidation -------------------------------------------------------
 
     def set_view(self, view: View) -> None:
+        added = set(view.services) - set(self.view.services)
         self.view = view
         self.clear()
+        if added and self.forwarder is not None:
+            # A bare name that was forwarded may now be a service of ours.
+            for key in [k for k in self.forwarder.cache if _last_label(k) in added]:
+                del self.forwarder.cache[key]
 
     def clear(self) -> None:
         # Cleared in place: the transports hold references to these dicts.
@@ -152,14 +171,14 @@ class Answerer:
 
     # -- query path -----------------------------------------------------------
 
-    def respond(self, data: bytes, client: str, *, tcp: bool) -> bytes | None:
+    def respond(self, data: bytes, client: str, *, tcp: bool) -> bytes | Forward | None:
         cache = self.tcp_cache if tcp else self.udp_cache
         entry = cache.get(data[2:])
         if entry is not None:
             return entry.reply(data, client)
         return self.slow(data, client, tcp=tcp)
 
-    def slow(self, data: bytes, client: str, *, tcp: bool) -> bytes | None:
+    def slow(self, data: bytes, client: str, *, tcp: bool) -> bytes | Forward | None:
         """Everything the exact-bytes cache did not answer. Never raises."""
         try:
             return self._slow(data, client, tcp=tcp)
@@ -171,7 +190,14 @@ class Answerer:
                 return wire.header_only(data, wire.SERVFAIL)
             return None
 
-    def _slow(self, data: bytes, client: str, *, tcp: bool) -> bytes | None:
+    def _slow(self, data: bytes, client: str, *, tcp: bool) -> bytes | Forward | None:
+        fwd = self.forwarder
+        if fwd is not None and fwd.cache:
+            # Forwarded names answered from the forwarding cache: as cheap as a
+            # service answer, for clients allowed to recurse.
+            hit = fwd.cached(data[2:], data, spliced=False)
+            if hit is not None and fwd.allowed(client):
+                return hit
         if len(data) < 12:
             return None  # not even a header to answer to
         _qid, flags, qdcount, _an, _ns, _ar = wire.HEADER.unpack_from(data)
@@ -189,6 +215,8 @@ class Answerer:
         norm = data[2:12] + data[12 : query.name_end].lower() + data[query.name_end :]
         cache = self.tcp_cache if tcp else self.udp_cache
         entry = cache.get(norm)
+        if entry is None and fwd is not None and self._outside(query):
+            return self._forwarded(fwd, query, data, norm, client, tcp=tcp)
         if entry is None:
             entry = self._build_entry(query, qlen, tcp=tcp)
             if len(cache) >= MAX_CACHE_ENTRIES:
@@ -197,6 +225,57 @@ class Answerer:
             if entry.service is not None:
                 self._keys_by_service.setdefault(entry.service, []).append((cache, norm))
         return entry.reply_spliced(data, client)
+
+    # -- forwarding -----------------------------------------------------------
+
+    def _outside(self, query: wire.Query) -> bool:
+        """A well-formed IN query for a name outside every served zone."""
+        if query.qclass != IN or (query.opt is not None and query.opt.version > 0):
+            return False
+        labels = tuple(lbl.lower().decode("latin-1") for lbl in query.labels)
+        name = parse_name(
+            labels,
+            domains=self.domains,
+            datacenter=self.config.datacenter,
+            services=self.view.services,
+        )
+        return name is None
+
+    def _forwarded(
+        self, fwd: Forwarder, query: wire.Query, data: bytes, key: bytes, client: str, *, tcp: bool
+    ) -> bytes | Forward:
+        if not fwd.allowed(client):
+            # Not an open resolver: only our own zones for everyone else.
+            return self._direct(query, data, Outcome(rcode=wire.REFUSED, authoritative=False))
+        if query.qtype == ANY:
+            qname = dnslib.DNSLabel([lbl.lower() for lbl in query.labels])
+            rr = dnslib.RR(qname, HINFO, ttl=self.config.ttl, rdata=dnslib.RD(RFC8482_HINFO))
+            outcome = Outcome(wire.NOERROR, False, recursion=True, records=Records(answer=[rr]))
+            return self._direct(query, data, outcome)
+        hit = fwd.cached(key, data, spliced=True)
+        if hit is not None:
+            return hit
+        return Forward(query=query, data=data, key=key, tcp=tcp)
+
+    def _direct(self, query: wire.Query, data: bytes, outcome: Outcome) -> bytes:
+        """A reply for this client only (it depends on who asks): not cached."""
+        raw = [lbl.lower() for lbl in query.labels]
+        body = self._pack(query, dnslib.DNSLabel(raw), outcome, outcome.records, limit=512, scope=0)
+        qlen = query.name_end + 4 - 12
+        return data[:2] + body[:10] + data[12 : 12 + qlen] + body[10 + qlen :]
+
+    async def forward(self, request: Forward) -> bytes:
+        """The upstream's answer for a `Forward`; SERVFAIL on internal errors."""
+        assert self.forwarder is not None
+        try:
+            return await self.forwarder.resolve(
+                request.query, request.data, request.key, tcp=request.tcp
+            )
+        except Exception:
+            if self._errors_logged < 10:
+                self._errors_logged += 1
+                log.exception("dns.forward_error")
+            return wire.header_only(request.data, wire.SERVFAIL)
 
     # -- building -------------------------------------------------------------
 
@@ -311,6 +390,7 @@ class Answerer:
         flags = (
             wire.QR
             | (wire.AA if outcome.authoritative else 0)
+            | (wire.RA if outcome.recursion else 0)
             | (query.flags & (wire.RD | wire.CD))
             | (rcode & 0xF)
         )
@@ -508,6 +588,12 @@ def _srv_weight(inst: Instance) -> int:
 
 def _fqdn(name: str) -> str:
     return name if name.endswith(".") else name + "."
+
+
+def _last_label(key: bytes) -> str:
+    """The last label of the question name in a cache key (a query after its ID)."""
+    labels, _ = wire.read_name(b"\x00\x00" + key, 12)
+    return labels[-1].decode("latin-1") if labels else ""
 
 
 def _ns_addresses(config: DnsConfig) -> tuple[str, ...]:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+from collections.abc import Coroutine
 from typing import Any, cast
 
 import structlog
 
-from resolverd.dns.answers import Answerer
+from resolverd.dns.answers import Answerer, Forward
 
 log = structlog.get_logger(__name__)
 
@@ -22,9 +23,11 @@ TCP_MAX_CONNECTIONS = 256
 
 
 class UdpProtocol(asyncio.DatagramProtocol):
-    def __init__(self, answerer: Answerer) -> None:
+    def __init__(self, answerer: Answerer, tasks: set[asyncio.Task[None]]) -> None:
         self._cache = answerer.udp_cache
         self._slow = answerer.slow
+        self._answerer = answerer
+        self._tasks = tasks
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -34,12 +37,19 @@ class UdpProtocol(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: Any) -> None:
         entry = self._cache.get(data[2:])
         if entry is not None and (sched := entry.sched) is not None:
-            reply: bytes | None = data[:2] + sched[next(entry.counter) % entry.n]
+            reply: bytes | Forward | None = data[:2] + sched[next(entry.counter) % entry.n]
         elif entry is not None:
             reply = entry.reply(data, addr[0])
         else:
             reply = self._slow(data, addr[0], tcp=False)
-        if reply is not None and self.transport is not None:
+        if isinstance(reply, Forward):
+            _spawn(self._tasks, self._forward(reply, addr))
+        elif reply is not None and self.transport is not None:
+            self.transport.sendto(reply, addr)
+
+    async def _forward(self, request: Forward, addr: Any) -> None:
+        reply = await self._answerer.forward(request)
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
 
     def error_received(self, exc: Exception) -> None:
@@ -50,8 +60,14 @@ class UdpProtocol(asyncio.DatagramProtocol):
 class TcpProtocol(asyncio.Protocol):
     """RFC 7766: two-byte length framing, pipelined queries, idle timeout."""
 
-    def __init__(self, answerer: Answerer, connections: set[TcpProtocol]) -> None:
+    def __init__(
+        self,
+        answerer: Answerer,
+        connections: set[TcpProtocol],
+        tasks: set[asyncio.Task[None]],
+    ) -> None:
         self._answerer = answerer
+        self._tasks = tasks
         self._connections = connections
         self._buffer = bytearray()
         self._transport: asyncio.Transport | None = None
@@ -90,14 +106,29 @@ class TcpProtocol(asyncio.Protocol):
             reply = self._answerer.respond(message, self._peer, tcp=True)
             if reply is None:
                 continue
-            if self._transport is None or self._transport.is_closing():
-                return
+            if isinstance(reply, Forward):
+                # RFC 7766 6.2.1.1: replies may come back out of order.
+                _spawn(self._tasks, self._forward(reply))
+                continue
+            self._send(reply)
+
+    def _send(self, reply: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
             self._transport.write(len(reply).to_bytes(2, "big") + reply)
+
+    async def _forward(self, request: Forward) -> None:
+        self._send(await self._answerer.forward(request))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._idle is not None:
             self._idle.cancel()
         self._connections.discard(self)
+
+
+def _spawn(tasks: set[asyncio.Task[None]], coro: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(coro)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 class DnsServer:
@@ -108,6 +139,7 @@ class DnsServer:
         self._udp: list[asyncio.DatagramTransport] = []
         self._tcp: list[asyncio.Server] = []
         self._connections: set[TcpProtocol] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # forwarded queries in flight
         self.udp_addresses: list[tuple[str, int]] = []
         self.tcp_addresses: list[tuple[str, int]] = []
 
@@ -147,7 +179,7 @@ class DnsServer:
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         transport, _ = await loop.create_datagram_endpoint(
-            lambda: UdpProtocol(self._answerer), local_addr=(host, port), family=family
+            lambda: UdpProtocol(self._answerer, self._tasks), local_addr=(host, port), family=family
         )
         self._udp.append(transport)
         bound = transport.get_extra_info("sockname")
@@ -157,7 +189,7 @@ class DnsServer:
     async def _bind_tcp(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
-            lambda: TcpProtocol(self._answerer, self._connections),
+            lambda: TcpProtocol(self._answerer, self._connections, self._tasks),
             host=host,
             port=port,
             reuse_address=True,
@@ -177,5 +209,8 @@ class DnsServer:
             conn.close()
         for server in self._tcp:
             await server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._udp.clear()
         self._tcp.clear()
