@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import signal
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -16,7 +17,7 @@ import structlog
 
 from resolverd import snapshot
 from resolverd.balancing import Balancer, ConnectionTracker, OutcomeStats
-from resolverd.config import Config, default_state_file
+from resolverd.config import Config, ConfigError, default_state_file, load_config
 from resolverd.dns.answers import Answerer
 from resolverd.dns.forward import Forwarder, default_allow, resolv_conf_upstreams
 from resolverd.dns.server import DnsServer
@@ -26,12 +27,15 @@ from resolverd.providers.registrations import RegistrationsProvider
 from resolverd.rpc.server import RpcServer
 from resolverd.rpc.servicer import ResolverServicer, WatchHub
 from resolverd.snapshot import SnapshotWriter
+from resolverd.systemd import Notifier
 from resolverd.table import Change, ServiceTable, View
 
 log = structlog.get_logger(__name__)
 
 STALE_POLL_INTERVAL = 0.5
 STALE_REPORT_INTERVAL = 60.0
+STATUS_INTERVAL = 10.0
+RELOAD_SYNC_TIMEOUT = 5.0
 
 
 class Daemon:
@@ -84,6 +88,9 @@ class Daemon:
             extra_handlers=extra_rpc_handlers,
         )
         self._tasks: set[asyncio.Task[None]] = set()
+        self._provider_tasks: dict[str, asyncio.Task[None]] = {}
+        self._clock_task: asyncio.Task[None] | None = None
+        self._health_task: asyncio.Task[None] | None = None
         self._unsubscribe: list[Callable[[], None]] = []
         # -- active health checks (resolverd/health.py): only built when some
         # provider or service enables them; off by default.
@@ -119,11 +126,13 @@ class Daemon:
             self._spawn(self.snapshots.run(), "snapshot-writer")
         self._unsubscribe.append(self.tracker.subscribe(self.answerer.connections_changed))
         for provider in self.providers:
-            self._spawn(self._provider_task(provider), f"provider:{provider.name}")
+            self._start_provider(provider)
+        if self.forwarder.enabled:
+            self._clock_task = self._spawn(self.forwarder.run_clock(), "forward-clock")
         # -- health checks: stopped with the other tasks in stop() (cancelled; its
         # run() closes its probes and HTTP session on the way out).
         if self.health is not None:
-            self._spawn(self.health.run(), "health-checker")
+            self._health_task = self._spawn(self.health.run(), "health-checker")
         # -- end health checks
         await asyncio.sleep(0)  # let providers publish their first snapshot
         try:
@@ -168,10 +177,107 @@ class Daemon:
                     )
             await asyncio.sleep(STALE_POLL_INTERVAL)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _start_provider(self, provider: Provider) -> None:
+        self._provider_tasks[provider.name] = self._spawn(
+            self._provider_task(provider), f"provider:{provider.name}"
+        )
+
+    async def _cancel(self, task: asyncio.Task[None] | None) -> None:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _wait_published(self, since: dict[str, float | None], *, timeout: float) -> None:
+        """Until each restarted provider has published (or reported its backend
+        down), so READY after a reload means the new config is being served."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            states = self.table.states()
+            if all(
+                states[n].last_sync != t or states[n].stale for n, t in since.items() if n in states
+            ):
+                return
+            await asyncio.sleep(0.01)
+        log.warning("daemon.reload_providers_pending", providers=sorted(since))
+
+    def summary(self) -> str:
+        """A one-line status for systemd's STATUS=."""
+        view = self.table.view
+        instances = sum(len(i) for i in view.services.values())
+        now = time.time()
+        stale = [
+            f"{s.name} stale {s.age(now) or 0:.0f}s"
+            for s in self.table.states().values()
+            if s.stale
+        ]
+        text = f"serving {len(view.services)} services, {instances} instances"
+        return text + (f"; {', '.join(stale)}" if stale else "")
+
+    async def reload(self, new: Config) -> list[str]:
+        """Apply a new config without dropping a query. Listeners whose address
+        did not change are kept, providers restart only when their section
+        changed, balancing state stays for every service. Returns the sections
+        that need a restart to change (API listeners, state files, logging)."""
+        old = self.config
+        self.config = new
+        self.forwarder = _forwarder(new)
+        self.answerer.reconfigure(
+            config=new.dns, policy_for=new.policy_for, forwarder=self.forwarder
+        )
+        await self._cancel(self._clock_task)
+        self._clock_task = None
+        if self.forwarder.enabled:
+            self._clock_task = self._spawn(self.forwarder.run_clock(), "forward-clock")
+        await self.dns.rebind(udp=new.dns.listen_udp, tcp=new.dns.listen_tcp)
+        self.rpc.servicer.reconfigure(new)
+
+        before = {p.name: p for p in old.providers}
+        after = {p.name: p for p in new.providers}
+        self.table.set_order([*after, RegistrationsProvider.NAME])
+        for name, section in before.items():
+            if after.get(name) != section:
+                await self._cancel(self._provider_tasks.pop(name, None))
+                self.providers = [p for p in self.providers if p.name != name]
+                if name not in after:
+                    self.table.remove_provider(name)
+        restarted: dict[str, float | None] = {}
+        for name, section in after.items():
+            if before.get(name) != section:
+                provider = create_provider(section)
+                self.providers.insert(len(self.providers) - 1, provider)
+                restarted[name] = self.table.states()[name].last_sync
+                self._start_provider(provider)
+        await self._wait_published(restarted, timeout=RELOAD_SYNC_TIMEOUT)
+
+        health_before = (old.health_check, old.provider_health_checks, old.service_health_checks)
+        health_after = (new.health_check, new.provider_health_checks, new.service_health_checks)
+        if health_before != health_after:
+            await self._cancel(self._health_task)
+            self._health_task = None
+            self.table.clear_checked_health()
+            self.health = HealthChecker(self.table, new) if new.health_checks_enabled else None
+            if self.health is not None:
+                self._health_task = self._spawn(self.health.run(), "health-checker")
+
+        restart = [
+            section
+            for section in ("api", "registrations", "snapshot", "log")
+            if getattr(old, section) != getattr(new, section)
+        ]
+        log.info(
+            "daemon.reloaded",
+            file=new.file,
+            providers=sorted(after),
+            needs_restart=restart,
+        )
+        return restart
 
     async def _provider_task(self, provider: Provider) -> None:
         try:
@@ -227,12 +333,86 @@ def _forwarder(config: Config) -> Forwarder:
     return forwarder
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT."""
+async def serve(config: Config, *, notifier: Notifier | None = None) -> None:
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the config file. Speaks
+    sd_notify: READY=1 once listening and every provider has synced or
+    reported its backend unreachable, WATCHDOG=1 from the loop, RELOADING=1,
+    STOPPING=1. A second SIGTERM/SIGINT exits at once."""
+    notify = notifier or Notifier()
     stop = asyncio.Event()
+    hup = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_stop() -> None:
+        if stop.is_set():
+            log.warning("daemon.forced_exit")
+            os._exit(1)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with Daemon(config):
-        await stop.wait()
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, hup.set)
+    daemon = Daemon(config)
+    await daemon.start()
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        tasks.append(asyncio.create_task(_notify_ready(daemon, notify), name="sd-ready"))
+        if notify.watchdog_interval is not None:
+            tasks.append(
+                asyncio.create_task(_watchdog(notify, notify.watchdog_interval), name="watchdog")
+            )
+        while not stop.is_set():
+            waiter = asyncio.create_task(hup.wait())
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stopper.cancel()
+            if hup.is_set() and not stop.is_set():
+                hup.clear()
+                await _reload(daemon, notify)
         log.info("daemon.stopping")
+        notify.stopping()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await daemon.stop()
+        notify.close()
+
+
+async def _notify_ready(daemon: Daemon, notify: Notifier) -> None:
+    while not daemon.table.settled:
+        await asyncio.sleep(0.05)
+    notify.ready(daemon.summary())
+    last = ""
+    while True:
+        await asyncio.sleep(STATUS_INTERVAL)
+        status = daemon.summary()
+        if status != last:
+            notify.send(STATUS=status)
+            last = status
+
+
+async def _watchdog(notify: Notifier, interval: float) -> None:
+    # Pinged from the event loop itself: if the loop is stuck, pings stop.
+    while True:
+        notify.watchdog()
+        await asyncio.sleep(interval)
+
+
+async def _reload(daemon: Daemon, notify: Notifier) -> None:
+    notify.reloading()
+    log.info("daemon.reloading", file=daemon.config.file)
+    try:
+        new = load_config(daemon.config.file)
+    except ConfigError as err:
+        # The running config stays; the error is located as at start-up.
+        log.error("daemon.reload_rejected", error=str(err))
+        notify.ready(f"{daemon.summary()}; reload rejected: {err}")
+        return
+    try:
+        await daemon.reload(new)
+    except Exception as exc:
+        log.exception("daemon.reload_failed")
+        notify.ready(f"{daemon.summary()}; reload failed: {exc}")
+        return
+    notify.ready(daemon.summary())

@@ -194,6 +194,17 @@ class ServiceTable:
         self._checked = checked
         return self._commit(touched)
 
+    def set_order(self, order: Sequence[str]) -> None:
+        """A reloaded config's providers: new ones start unsynced; applies to
+        the next change (ties between providers resolve in this order)."""
+        self._order = tuple(order)
+        for name in order:
+            self._states.setdefault(name, ProviderState(name))
+
+    def clear_checked_health(self) -> Change | None:
+        """Forget every active health result (the checker was replaced)."""
+        return self.set_checked_health({key: None for key in self._checked})
+
     def states(self) -> dict[str, ProviderState]:
         return dict(self._states)
 
@@ -209,6 +220,12 @@ class ServiceTable:
     def ready(self) -> bool:
         """Every known provider has something to serve: synced, or restored from disk."""
         return all(state.synced or state.restored for state in self._states.values())
+
+    @property
+    def settled(self) -> bool:
+        """Every known provider has synced, been restored, or reported its
+        backend unreachable: start-up is over, one way or the other."""
+        return all(s.synced or s.restored or s.stale for s in self._states.values())
 
     def mark_stale(self, provider: str, error: str) -> None:
         """The provider lost its backend: keep serving its last snapshot."""

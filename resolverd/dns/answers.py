@@ -141,6 +141,21 @@ class Answerer:
         self._ns_addresses = _ns_addresses(config)
         self._errors_logged = 0
 
+    def reconfigure(
+        self,
+        *,
+        config: DnsConfig,
+        policy_for: Callable[[str], BalancePolicy],
+        forwarder: Forwarder | None,
+    ) -> None:
+        """A reloaded config: new answer rules, same caches objects (cleared)."""
+        self.config = config
+        self.policy_for = policy_for
+        self.domains = tuple(split_labels(d) for d in config.domains)
+        self._ns_addresses = _ns_addresses(config)
+        self.forwarder = forwarder if forwarder is not None and forwarder.enabled else None
+        self.clear()
+
     # -- invalidation -------------------------------------------------------
 
     def set_view(self, view: View) -> None:

@@ -35,11 +35,20 @@ class UdpProtocol(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        entry = self._cache.get(data[2:])
+        key = data[2:]
+        entry = self._cache.get(key)
         if entry is not None and (sched := entry.sched) is not None:
             reply: bytes | Forward | None = data[:2] + sched[next(entry.counter) % entry.n]
         elif entry is not None:
             reply = entry.reply(data, addr[0])
+        elif (
+            (fwd := self._answerer.forwarder) is not None
+            and (hit := fwd.cache.get(key)) is not None
+            and hit.sec == fwd.sec
+            and fwd.decisions.get(addr[0])
+        ):
+            # A forwarded name from the forwarding cache, patched this second.
+            reply = data[:2] + hit.cur
         else:
             reply = self._slow(data, addr[0], tcp=False)
         if isinstance(reply, Forward):
@@ -142,6 +151,9 @@ class DnsServer:
         self._tasks: set[asyncio.Task[None]] = set()  # forwarded queries in flight
         self.udp_addresses: list[tuple[str, int]] = []
         self.tcp_addresses: list[tuple[str, int]] = []
+        # Configured address -> what serves it, so a reload keeps what it can.
+        self._udp_for: dict[tuple[str, int], asyncio.DatagramTransport] = {}
+        self._tcp_for: dict[tuple[str, int], asyncio.Server] = {}
 
     async def start(
         self, *, udp: tuple[tuple[str, int], ...], tcp: tuple[tuple[str, int], ...]
@@ -152,6 +164,7 @@ class DnsServer:
         pending_tcp = list(tcp)
         for host, port in udp:
             transport = await self._bind_udp(host, port)
+            self._udp_for[(host, port)] = transport
             bound_port = transport.get_extra_info("sockname")[1]
             if port == 0 and (host, 0) in pending_tcp:
                 for _attempt in range(20):
@@ -167,9 +180,12 @@ class DnsServer:
                         bound_port = transport.get_extra_info("sockname")[1]
                     else:
                         pending_tcp.remove((host, 0))
+                        self._udp_for[(host, port)] = transport
+                        self._tcp_for[(host, 0)] = self._tcp[-1]
                         break
         for host, port in pending_tcp:
             await self._bind_tcp(host, port)
+            self._tcp_for[(host, port)] = self._tcp[-1]
         for (address, port), proto in [(a, "udp") for a in self.udp_addresses] + [
             (a, "tcp") for a in self.tcp_addresses
         ]:
@@ -199,6 +215,31 @@ class DnsServer:
         for sock in server.sockets:
             bound = sock.getsockname()
             self.tcp_addresses.append((bound[0], bound[1]))
+
+    async def rebind(
+        self, *, udp: tuple[tuple[str, int], ...], tcp: tuple[tuple[str, int], ...]
+    ) -> None:
+        """A reload: bind addresses that are new, then close those dropped;
+        listeners whose address did not change are kept (no query lost)."""
+        for address in [a for a in udp if a not in self._udp_for]:
+            self._udp_for[address] = await self._bind_udp(*address)
+            log.info("dns.listening", proto="udp", address=address[0], port=address[1])
+        for address in [a for a in tcp if a not in self._tcp_for]:
+            await self._bind_tcp(*address)
+            self._tcp_for[address] = self._tcp[-1]
+            log.info("dns.listening", proto="tcp", address=address[0], port=address[1])
+        for address in [a for a in self._udp_for if a not in udp]:
+            transport = self._udp_for.pop(address)
+            self._udp.remove(transport)
+            transport.close()
+            log.info("dns.closed", proto="udp", address=address[0], port=address[1])
+        for address in [a for a in self._tcp_for if a not in tcp]:
+            server = self._tcp_for.pop(address)
+            self._tcp.remove(server)
+            server.close()
+            log.info("dns.closed", proto="tcp", address=address[0], port=address[1])
+        self.udp_addresses = [t.get_extra_info("sockname")[:2] for t in self._udp]
+        self.tcp_addresses = [s.sockets[0].getsockname()[:2] for s in self._tcp if s.sockets]
 
     async def stop(self) -> None:
         for server in self._tcp:

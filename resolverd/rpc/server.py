@@ -53,6 +53,7 @@ class RpcServer:
             options=[("grpc.so_reuseport", 0)],
             handlers=list(extra_handlers) or None,
         )
+        self.servicer = servicer
         pb_grpc.add_ResolverServicer_to_server(servicer, self._server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

@@ -99,6 +99,15 @@ class ResolverServicer:
             tuple[PlanKey, int, int], tuple[tuple[int, int, int], pb.ResolveResponse]
         ] = {}
 
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config: policies, TTL, token, domain; caches dropped."""
+        self._config = config
+        self._token = config.api.token
+        self._domain = config.dns.domains[0] + "."
+        self._endpoints.clear()
+        self._plans.clear()
+        self._responses.clear()
+
     # -- helpers --------------------------------------------------------------------
 
     async def _authorize(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
