@@ -76,7 +76,8 @@ def config_from(data: dict[str, Any], *, file: str = "test.yaml") -> Config:
     dns["forward"] = forward
     data["dns"] = dns
     api = dict(data.get("api") or {})
-    api.setdefault("listen", "127.0.0.1:0")
+    api["listen"] = "127.0.0.1:0"  # examples name 50051: `make run`'s, never the tests'
+
     data["api"] = api
     registrations = dict(data.get("registrations") or {})
     if "state_file" not in registrations:
