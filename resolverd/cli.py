@@ -97,7 +97,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"resolverd {__version__}")
         return 0
     if args.command in CLIENT_COMMANDS:
-        return asyncio.run(_client_command(args))
+        try:
+            return asyncio.run(_client_command(args))
+        except BrokenPipeError:
+            # `resolverd status | head`: the reader left; not an error of ours.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
 
     from resolverd.config import ConfigError, load_config
 
