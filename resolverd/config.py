@@ -37,6 +37,7 @@ __all__ = [
     "HealthCheckConfig",
     "Location",
     "LogConfig",
+    "MetricsConfig",
     "ProviderConfig",
     "SoaConfig",
     "load_config",
@@ -220,6 +221,14 @@ class SnapshotConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Prometheus /metrics and the HTTP status endpoints (resolverd/metrics.py):
+    where they listen, None for nowhere. CoreDNS's port, on loopback."""
+
+    listen: tuple[str, int] | None = ("127.0.0.1", 9153)
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"  # debug | info | warning | error
     format: str = "auto"  # auto | json | console
@@ -237,6 +246,7 @@ class Config:
     api: ApiConfig = ApiConfig()
     registrations: RegistrationsConfig = RegistrationsConfig()
     snapshot: SnapshotConfig = SnapshotConfig()
+    metrics: MetricsConfig = MetricsConfig()
     # Health check overrides: resolved per provider name; per lowercase service
     # only the keys given, applied over the provider's (most specific wins).
     provider_health_checks: Mapping[str, HealthCheckConfig] = field(
@@ -629,7 +639,16 @@ def _config(data: object, file: str) -> Config:
     top = _section(
         data,
         "",
-        ("service_discovery", "load_balancing", "dns", "log", "api", "registrations", "snapshot"),
+        (
+            "service_discovery",
+            "load_balancing",
+            "dns",
+            "log",
+            "api",
+            "registrations",
+            "snapshot",
+            "metrics",
+        ),
     )
     base = os.path.dirname(os.path.abspath(file))
     providers, default_policy, health_check = _service_discovery(
@@ -638,7 +657,7 @@ def _config(data: object, file: str) -> Config:
     policies = _load_balancing(top.get("load_balancing"), "load_balancing", default_policy)
     provider_checks = _provider_health_checks(top["service_discovery"], providers, health_check)
     service_checks = _service_health_checks(top.get("load_balancing"))
-    return Config(
+    config = Config(
         file=file,
         dns=_dns(top.get("dns"), "dns"),
         providers=providers,
@@ -649,11 +668,14 @@ def _config(data: object, file: str) -> Config:
         api=_api(top.get("api"), "api", base),
         registrations=_registrations(top.get("registrations"), "registrations", base),
         snapshot=_snapshot(top.get("snapshot"), "snapshot", base),
+        metrics=_metrics(top.get("metrics"), "metrics"),
         provider_health_checks=MappingProxyType(provider_checks),
         service_health_checks=MappingProxyType(
             {name: MappingProxyType(changes) for name, changes in service_checks.items()}
         ),
     )
+    _check_metrics_listen(config)
+    return config
 
 
 def _http_path(value: object, path: str) -> str:
@@ -1269,3 +1291,43 @@ def _snapshot(value: object, path: str, base: str) -> SnapshotConfig:
     if "max_age" in section:
         config = replace(config, max_age=_duration(section["max_age"], _key(path, "max_age")))
     return config
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _metrics(value: object, path: str) -> MetricsConfig:
+    """``listen: "127.0.0.1:9153"`` (the default); ``listen: null`` or
+    ``enabled: false`` turns the HTTP endpoint off."""
+    section = _section(value, path, ("listen", "enabled"))
+    enabled = _bool(section["enabled"], _key(path, "enabled")) if "enabled" in section else True
+    listen = MetricsConfig().listen
+    at = _key(path, "listen")
+    if "listen" in section:
+        raw = section["listen"]
+        if raw is None:
+            listen = None
+        else:
+            try:
+                listen = parse_hostport(_str(raw, at), default_port=9153)
+            except ValueError as exc:
+                raise _Invalid(at, str(exc)) from None
+    if not enabled:
+        return MetricsConfig(listen=None)
+    if listen is None and "enabled" in section:
+        raise _Invalid(at, "null turns metrics off, but enabled is true")
+    return MetricsConfig(listen=listen)
+
+
+def _check_metrics_listen(config: Config) -> None:
+    listen = config.metrics.listen
+    if listen is None or listen[1] == 0:
+        return
+    for where, addresses in (
+        ("api.listen", config.api.listen),
+        ("dns.listen_tcp", config.dns.listen_tcp),
+    ):
+        if listen in addresses:
+            host, port = listen
+            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise _Invalid("metrics.listen", f"{shown} is also {where}")

@@ -22,6 +22,7 @@ from resolverd.dns.answers import Answerer
 from resolverd.dns.forward import Forwarder, default_allow, resolv_conf_upstreams
 from resolverd.dns.server import DnsServer
 from resolverd.health import HealthChecker
+from resolverd.metrics import MetricsServer
 from resolverd.providers import Provider, create_provider
 from resolverd.providers.registrations import RegistrationsProvider
 from resolverd.rpc.server import RpcServer
@@ -98,6 +99,15 @@ class Daemon:
         if config.health_checks_enabled:
             self.health = HealthChecker(self.table, config)
         # -- end health checks
+        self.metrics = MetricsServer(
+            config=config,
+            table=self.table,
+            answerer=self.answerer,
+            forwarder=self.forwarder,
+            tracker=self.tracker,
+            health=self.health,
+            grpc=self.rpc.metrics,
+        )
 
     def _on_change(self, view: View, change: Change) -> None:
         self.balancer.retain(view.by_id.keys())
@@ -138,6 +148,7 @@ class Daemon:
         try:
             await self.dns.start(udp=self.config.dns.listen_udp, tcp=self.config.dns.listen_tcp)
             await self.rpc.start()
+            await self.metrics.start()
         except BaseException:
             await self.stop()
             raise
@@ -266,6 +277,7 @@ class Daemon:
             if self.health is not None:
                 self._health_task = self._spawn(self.health.run(), "health-checker")
 
+        await self.metrics.reconfigure(config=new, forwarder=self.forwarder, health=self.health)
         restart = [
             section
             for section in ("api", "registrations", "snapshot", "log")
@@ -293,6 +305,7 @@ class Daemon:
         self.hub.close()
         await self.rpc.stop(grace)
         await self.dns.stop()
+        await self.metrics.stop()
         if self.snapshots is not None:
             try:
                 self.snapshots.flush()

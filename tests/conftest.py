@@ -79,6 +79,10 @@ def config_from(data: dict[str, Any], *, file: str = "test.yaml") -> Config:
     api["listen"] = "127.0.0.1:0"  # examples name 50051: `make run`'s, never the tests'
 
     data["api"] = api
+    metrics = dict(data.get("metrics") or {})
+    if metrics.get("enabled", True) and "listen" not in metrics:
+        metrics["listen"] = "127.0.0.1:0"  # 9153 is `make run`'s
+    data["metrics"] = metrics
     registrations = dict(data.get("registrations") or {})
     if "state_file" not in registrations:
         registrations["state_file"] = os.path.join(tempfile.mkdtemp(), "registrations.json")

@@ -76,6 +76,7 @@ def test_unreachable_consul_still_starts_serves_others_and_reports_stale(
     ]
     data["dns"]["listen"] = "127.0.0.1:0"
     data["api"] = {"listen": "127.0.0.1:0"}
+    data["metrics"] = {"listen": "127.0.0.1:0"}
     data["registrations"] = {"state_file": str(tmp_path / "registrations.json")}
     path = tmp_path / "consul.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -142,6 +143,8 @@ def test_unreachable_consul_still_starts_serves_others_and_reports_stale(
 def test_run_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
     data = yaml.safe_load((EXAMPLES / "static.yaml").read_text())
     data["dns"]["listen"] = "127.0.0.1:0"
+    data["api"] = {"listen": "127.0.0.1:0"}
+    data["metrics"] = {"listen": "127.0.0.1:0"}
     path = tmp_path / "static.yaml"
     path.write_text(yaml.safe_dump(data))
     proc = subprocess.Popen(
@@ -176,7 +179,7 @@ def test_run_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
         assert proc.returncode == 0
         assert "daemon.stopped" in rest
         # Lifecycle events only: no line per query.
-        assert "table.changed" in events and len(events) + len(rest.splitlines()) < 12
+        assert "table.changed" in events and len(events) + len(rest.splitlines()) < 16
     finally:
         if proc.poll() is None:
             proc.kill()

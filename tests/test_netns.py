@@ -87,6 +87,7 @@ def test_app_in_a_namespace_resolves_through_resolverd(netns: str, tmp_path: Pat
             },
             "dns": {"listen": "127.0.0.1:53", "forward": {"upstreams": ["127.0.0.2:53"]}},
             "api": {"listen": "127.0.0.1:0"},
+            "metrics": {"listen": "127.0.0.1:0"},
             "registrations": {"state_file": str(tmp_path / "reg.json")},
         }
         path = tmp_path / "resolverd.yaml"

@@ -466,6 +466,7 @@ def test_registrations_survive_kill_9(tmp_path: Path) -> None:
     data = yaml.safe_load((EXAMPLES / "static.yaml").read_text())
     data["dns"]["listen"] = "127.0.0.1:0"
     data["api"] = {"listen": "127.0.0.1:0"}
+    data["metrics"] = {"listen": "127.0.0.1:0"}
     data["registrations"] = {"state_file": str(tmp_path / "state" / "reg.json")}
     path = tmp_path / "static.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -52,6 +52,7 @@ def config(
         },
         "dns": {"listen": listen, "ttl": ttl, "forward": {"upstreams": []}},
         "api": {"listen": "127.0.0.1:0"},
+        "metrics": {"listen": "127.0.0.1:0"},
         "registrations": {"state_file": str(tmp / "reg.json")},
     }
     data.update(extra or {})

@@ -9,13 +9,21 @@ else goes through `Answerer.slow`, which builds the entry with dnslib once.
 
 Caches are dropped whole when the table's revision changes and per service when
 least-connections counts change.
+
+Counting for resolverd.metrics costs the hot path one integer increment: each
+cached `Entry` counts its own hits and carries what they are counted under
+(`stat`, an id in `Answerer.stat_ids`, fixed when it is built); a dropped
+entry's hits are folded into `stat_ids.hits`. Replies that come from no cached
+entry (answers being built, error replies, forwarded queries) are counted, and
+timed, in plain dicts here.
 """
 
 from __future__ import annotations
 
 import itertools
 import struct
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import dnslib
@@ -26,6 +34,7 @@ from resolverd.config import Algorithm, BalancePolicy, DnsConfig
 from resolverd.dns import wire
 from resolverd.dns.forward import Forwarder
 from resolverd.dns.names import Kind, Name, parse_name, split_labels
+from resolverd.metrics import Durations, StatIds, StatKey, known_qtype
 from resolverd.model import Instance, label_for, parse_ip, version_label
 from resolverd.table import View
 
@@ -36,6 +45,8 @@ AXFR, IXFR = 252, 251
 IN = 1
 MAX_CACHE_ENTRIES = 20_000
 RFC8482_HINFO = b"\x07RFC8482\x00"
+# The zone of replies to messages no zone handled (FORMERR, NOTIMP), as CoreDNS.
+DROPPED_ZONE = "dropped"
 
 
 @dataclass(slots=True)
@@ -55,6 +66,7 @@ class Forward:
     data: bytes
     key: bytes
     tcp: bool
+    started: float = 0.0  # time.perf_counter() when the query came in
 
 
 @dataclass(slots=True)
@@ -77,7 +89,18 @@ class Entry:
     service's shared counter; client-dependent ones call `pick`.
     """
 
-    __slots__ = ("bodies", "client_key", "counter", "n", "pick", "qlen", "sched", "service")
+    __slots__ = (
+        "bodies",
+        "client_key",
+        "counter",
+        "hits",
+        "n",
+        "pick",
+        "qlen",
+        "sched",
+        "service",
+        "stat",
+    )
 
     def __init__(
         self,
@@ -89,6 +112,7 @@ class Entry:
         counter: Iterator[int],
         pick: Callable[[str], int] | None,
         client_key: str | None,
+        stat: int,
     ) -> None:
         self.bodies = bodies
         self.qlen = qlen
@@ -98,6 +122,10 @@ class Entry:
         self.counter = counter
         self.pick = pick
         self.client_key = client_key
+        self.stat = stat
+        # Replies served from the cache (the first one, which built it, is not
+        # one); the UDP transport's inlined path adds its own.
+        self.hits = 0
 
     def body(self, client: str) -> bytes:
         if self.sched is not None:
@@ -106,7 +134,8 @@ class Entry:
         return self.bodies[self.pick(self.client_key or client)]
 
     def reply(self, data: bytes, client: str) -> bytes:
-        """For a query whose bytes match the key exactly."""
+        """For a query whose bytes match the key exactly: a cache hit."""
+        self.hits += 1
         return data[:2] + self.body(client)
 
     def reply_spliced(self, data: bytes, client: str) -> bytes:
@@ -140,6 +169,12 @@ class Answerer:
         self._keys_by_service: dict[str, list[tuple[dict[bytes, Entry], bytes]]] = {}
         self._ns_addresses = _ns_addresses(config)
         self._errors_logged = 0
+        # For resolverd.metrics. `counts`: replies no cached entry served;
+        # `stat_ids`: what entries count under, and dropped entries' hits.
+        self.counts: dict[StatKey, int] = {}
+        self.stat_ids = StatIds()
+        self.misses = {"answer": 0, "forward": 0}
+        self.durations = {"build": Durations(), "direct": Durations(), "forward": Durations()}
 
     def reconfigure(
         self,
@@ -165,17 +200,29 @@ class Answerer:
         if added and self.forwarder is not None:
             # A bare name that was forwarded may now be a service of ours.
             for key in [k for k in self.forwarder.cache if _last_label(k) in added]:
-                del self.forwarder.cache[key]
+                self.forwarder.drop(key)
 
     def clear(self) -> None:
         # Cleared in place: the transports hold references to these dicts.
+        self._retire(self.udp_cache.values())
+        self._retire(self.tcp_cache.values())
         self.udp_cache.clear()
         self.tcp_cache.clear()
         self._keys_by_service.clear()
 
     def invalidate_service(self, service: str) -> None:
         for cache, key in self._keys_by_service.pop(service, ()):
-            cache.pop(key, None)
+            entry = cache.pop(key, None)
+            if entry is not None:
+                self._retire((entry,))
+
+    def _retire(self, entries: Iterable[Entry]) -> None:
+        """Keep the hits of entries being dropped: one pass, ~1 ms per 20,000
+        (freeing them costs ~5 ms anyway)."""
+        hits = self.stat_ids.hits
+        for entry in entries:
+            if entry.hits:
+                hits[entry.stat] += entry.hits
 
     def connections_changed(self, instance_id: str) -> None:
         inst = self.view.by_id.get(instance_id)
@@ -202,44 +249,63 @@ class Answerer:
                 self._errors_logged += 1
                 log.exception("dns.internal_error", size=len(data))
             if len(data) >= 12:
+                stat = (tcp, 0, wire.SERVFAIL, DROPPED_ZONE, False)
+                self.counts[stat] = self.counts.get(stat, 0) + 1
                 return wire.header_only(data, wire.SERVFAIL)
             return None
 
     def _slow(self, data: bytes, client: str, *, tcp: bool) -> bytes | Forward | None:
         fwd = self.forwarder
-        if fwd is not None and fwd.cache:
+        if fwd is not None and fwd.cache and fwd.allowed(client):
             # Forwarded names answered from the forwarding cache: as cheap as a
             # service answer, for clients allowed to recurse.
-            hit = fwd.cached(data[2:], data, spliced=False)
-            if hit is not None and fwd.allowed(client):
+            hit = fwd.cached(data[2:], data, spliced=False, tcp=tcp)
+            if hit is not None:
                 return hit
+        started = time.perf_counter()
         if len(data) < 12:
             return None  # not even a header to answer to
         _qid, flags, qdcount, _an, _ns, _ar = wire.HEADER.unpack_from(data)
         if flags & wire.QR:
             return None  # a response: answering it could start a loop
         if (flags >> 11) & 0xF != 0:
-            return wire.header_only(data, wire.NOTIMP)
+            return self._error(data, wire.NOTIMP, tcp=tcp, started=started)
         if qdcount != 1:
-            return wire.header_only(data, wire.FORMERR)
+            return self._error(data, wire.FORMERR, tcp=tcp, started=started)
         try:
             query = wire.parse_query(data)
         except wire.Malformed:
-            return wire.header_only(data, wire.FORMERR)
+            return self._error(data, wire.FORMERR, tcp=tcp, started=started)
         qlen = query.name_end + 4 - 12
         norm = data[2:12] + data[12 : query.name_end].lower() + data[query.name_end :]
         cache = self.tcp_cache if tcp else self.udp_cache
         entry = cache.get(norm)
-        if entry is None and fwd is not None and self._outside(query):
-            return self._forwarded(fwd, query, data, norm, client, tcp=tcp)
-        if entry is None:
-            entry = self._build_entry(query, qlen, tcp=tcp)
-            if len(cache) >= MAX_CACHE_ENTRIES:
-                self.clear()
-            cache[norm] = entry
-            if entry.service is not None:
-                self._keys_by_service.setdefault(entry.service, []).append((cache, norm))
-        return entry.reply_spliced(data, client)
+        if entry is not None:
+            entry.hits += 1  # the same question in other letter case
+            return entry.reply_spliced(data, client)
+        if fwd is not None and self._outside(query):
+            return self._forwarded(fwd, query, data, norm, client, tcp=tcp, started=started)
+        entry = self._build_entry(query, qlen, tcp=tcp)
+        if len(cache) >= MAX_CACHE_ENTRIES:
+            self.clear()
+        cache[norm] = entry
+        if entry.service is not None:
+            self._keys_by_service.setdefault(entry.service, []).append((cache, norm))
+        reply = entry.reply_spliced(data, client)
+        self.misses["answer"] += 1
+        self._count(self.stat_ids.keys[entry.stat], "build", started)
+        return reply
+
+    def _count(self, stat: StatKey, path: str, started: float) -> None:
+        """One reply that no cached entry served, and how long it took."""
+        self.counts[stat] = self.counts.get(stat, 0) + 1
+        self.durations[path].observe(time.perf_counter() - started)
+
+    def _error(self, data: bytes, rcode: int, *, tcp: bool, started: float) -> bytes:
+        """A header-only reply to a message no zone can handle."""
+        reply = wire.header_only(data, rcode)
+        self._count((tcp, 0, rcode, DROPPED_ZONE, False), "direct", started)
+        return reply
 
     # -- forwarding -----------------------------------------------------------
 
@@ -257,20 +323,33 @@ class Answerer:
         return name is None
 
     def _forwarded(
-        self, fwd: Forwarder, query: wire.Query, data: bytes, key: bytes, client: str, *, tcp: bool
+        self,
+        fwd: Forwarder,
+        query: wire.Query,
+        data: bytes,
+        key: bytes,
+        client: str,
+        *,
+        tcp: bool,
+        started: float,
     ) -> bytes | Forward:
         if not fwd.allowed(client):
             # Not an open resolver: only our own zones for everyone else.
-            return self._direct(query, data, Outcome(rcode=wire.REFUSED, authoritative=False))
-        if query.qtype == ANY:
+            outcome = Outcome(rcode=wire.REFUSED, authoritative=False)
+        elif query.qtype == ANY:
             qname = dnslib.DNSLabel([lbl.lower() for lbl in query.labels])
             rr = dnslib.RR(qname, HINFO, ttl=self.config.ttl, rdata=dnslib.RD(RFC8482_HINFO))
             outcome = Outcome(wire.NOERROR, False, recursion=True, records=Records(answer=[rr]))
-            return self._direct(query, data, outcome)
-        hit = fwd.cached(key, data, spliced=True)
-        if hit is not None:
-            return hit
-        return Forward(query=query, data=data, key=key, tcp=tcp)
+        else:
+            hit = fwd.cached(key, data, spliced=True, tcp=tcp)
+            if hit is not None:
+                return hit
+            self.misses["forward"] += 1
+            return Forward(query=query, data=data, key=key, tcp=tcp, started=started)
+        reply = self._direct(query, data, outcome)
+        stat = (tcp, known_qtype(query.qtype), outcome.rcode, ".", bool(outcome.records.answer))
+        self._count(stat, "direct", started)
+        return reply
 
     def _direct(self, query: wire.Query, data: bytes, outcome: Outcome) -> bytes:
         """A reply for this client only (it depends on who asks): not cached."""
@@ -283,14 +362,18 @@ class Answerer:
         """The upstream's answer for a `Forward`; SERVFAIL on internal errors."""
         assert self.forwarder is not None
         try:
-            return await self.forwarder.resolve(
+            reply = await self.forwarder.resolve(
                 request.query, request.data, request.key, tcp=request.tcp
             )
         except Exception:
             if self._errors_logged < 10:
                 self._errors_logged += 1
                 log.exception("dns.forward_error")
-            return wire.header_only(request.data, wire.SERVFAIL)
+            reply = wire.header_only(request.data, wire.SERVFAIL)
+        answered = struct.unpack_from("!H", reply, 6)[0] > 0
+        stat = (request.tcp, known_qtype(request.query.qtype), reply[3] & 0xF, ".", answered)
+        self._count(stat, "forward", request.started)
+        return reply
 
     # -- building -------------------------------------------------------------
 
@@ -327,6 +410,11 @@ class Answerer:
         def pack(records: Records) -> bytes:
             return self._pack(query, qname, outcome, records, limit=limit, scope=scope)
 
+        balanced = plan is not None and bool(plan.instances) and outcome.render is not None
+        answered = balanced or bool(outcome.records.answer)
+        stat = self.stat_ids.id(
+            (tcp, known_qtype(query.qtype), outcome.rcode, self._zone_of(labels), answered)
+        )
         if plan is None or not plan.instances or outcome.render is None:
             body = pack(outcome.records)
             return Entry(
@@ -337,6 +425,7 @@ class Answerer:
                 counter=_FIXED,
                 pick=None,
                 client_key=None,
+                stat=stat,
             )
         render = outcome.render
         bodies = [pack(render(plan.order(i))) for i in range(len(plan.instances))]
@@ -357,6 +446,7 @@ class Answerer:
                 counter=_FIXED,
                 pick=pick,
                 client_key=client_key,
+                stat=stat,
             )
         return Entry(
             bodies=bodies,
@@ -366,6 +456,7 @@ class Answerer:
             counter=self.balancer.counter(service),
             pick=None,
             client_key=None,
+            stat=stat,
         )
 
     def _pack(
@@ -436,6 +527,16 @@ class Answerer:
         if name.kind is Kind.SERVICE:
             return self._service(name, qtype, qname)
         return self._negative(name, wire.NXDOMAIN)
+
+    def _zone_of(self, labels: tuple[str, ...]) -> str:
+        """The metrics zone of a name: the served domain it is under, else "."
+        (bare service names and forwarded names, as CoreDNS's root zone)."""
+        best: tuple[str, ...] = ()
+        for domain in self.domains:
+            n = len(domain)
+            if n > len(best) and len(labels) >= n and labels[len(labels) - n :] == domain:
+                best = domain
+        return ".".join(best) + "." if best else "."
 
     def _zone_name(self, name: Name) -> str:
         return ".".join(name.zone) + "."

@@ -15,7 +15,6 @@ Everything is done on bytes: dnslib is not used on the forwarding path.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import ipaddress
 import random
 import struct
@@ -27,41 +26,13 @@ import structlog
 
 from resolverd.config import ForwardConfig
 from resolverd.dns import wire
+from resolverd.metrics import Durations, StatIds, StatKey, known_qtype
 
 log = structlog.get_logger(__name__)
 
 SOA_TYPE = 6
 STALE_TTL = 30  # RFC 8767 section 4: TTL of a stale answer
 MAX_ALLOW_DECISIONS = 10_000
-
-# What a reply is counted under (resolverd.metrics names it): TCP or not,
-# QTYPE, RCODE, zone ("." for forwarded names), and whether it had answers.
-StatKey = tuple[bool, int, int, str, bool]
-# Histogram bounds in seconds: 62.5 us doubling to 8.192 s (CoreDNS's
-# 0.25 ms..8.192 s with two finer buckets, as built answers take ~0.1 ms).
-DURATION_BUCKETS = tuple(0.0000625 * 2**i for i in range(18))
-
-
-class Durations:
-    """A latency histogram as plain counters, for code off the hot path;
-    resolverd.metrics renders it. counts[i] holds observations in
-    (buckets[i-1], buckets[i]]; the last one those above every bound."""
-
-    __slots__ = ("buckets", "counts", "sum")
-
-    def __init__(self, buckets: tuple[float, ...] = DURATION_BUCKETS) -> None:
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.sum = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
-        self.sum += seconds
-
-    def add(self, other: Durations) -> None:
-        for i, n in enumerate(other.counts):
-            self.counts[i] += n
-        self.sum += other.sum
 
 
 class UpstreamStats:
@@ -240,7 +211,7 @@ class CachedAnswer:
         "ttls",
     )
 
-    def __init__(self, body: bytes, qlen: int, ttl: int, now: float) -> None:
+    def __init__(self, body: bytes, qlen: int, ttl: int, now: float, *, stat: int) -> None:
         self._original = body
         self._body = body
         self._patched = 0
@@ -260,12 +231,11 @@ class CachedAnswer:
         # none), which the UDP transport serves without calling in here.
         self.sec = -1
         self.cur = self._body
-        # UDP replies served from this entry (the transport adds one per hit);
-        # folded into Forwarder.hits when the entry is dropped.
+        # UDP replies served from this entry (the transport adds one per hit),
+        # counted under `stat` (an id in Forwarder.stat_ids), folded into
+        # stat_ids.hits when the entry is dropped.
         self.hits = 0
-        qtype = struct.unpack_from("!H", body, 10 + qlen - 4)[0]
-        answered = struct.unpack_from("!H", body, 4)[0] > 0
-        self.stat: StatKey = (False, qtype, body[1] & 0xF, ".", answered)
+        self.stat = stat
 
     def body(self, now: float, *, stale: bool = False) -> bytes:
         if stale:
@@ -364,8 +334,9 @@ class Forwarder:
         self.cache: dict[bytes, CachedAnswer] = {}
         self.sec = -1  # the coarse clock: whole seconds of `clock`, set by run_clock
         self.stats = {"upstream_queries": 0, "upstream_failures": 0, "coalesced": 0}
-        # Cache hits no live entry holds: dropped entries' UDP hits, and TCP hits.
-        self.hits: dict[StatKey, int] = {}
+        # What cached answers count under; its `hits` are those no live entry
+        # holds: dropped entries' UDP hits, and TCP hits.
+        self.stat_ids = StatIds()
         self.upstream_stats: dict[tuple[str, int], UpstreamStats] = {}
 
     @property
@@ -399,8 +370,8 @@ class Forwarder:
                 self.drop(key)
             return None
         if tcp:
-            stat = (True, *entry.stat[1:])
-            self.hits[stat] = self.hits.get(stat, 0) + 1
+            over_tcp = (True, *self.stat_ids.keys[entry.stat][1:])
+            self.stat_ids.hits[self.stat_ids.id(over_tcp)] += 1
         else:
             entry.hits += 1
         body = entry.body(now)
@@ -423,7 +394,7 @@ class Forwarder:
         """Remove a cached answer, keeping its hits in the totals."""
         entry = self.cache.pop(key, None)
         if entry is not None and entry.hits:
-            self.hits[entry.stat] = self.hits.get(entry.stat, 0) + entry.hits
+            self.stat_ids.hits[entry.stat] += entry.hits
 
     def _store(self, key: bytes, reply: bytes, qlen: int, ttl: int) -> None:
         if not self.config.cache_size:
@@ -434,7 +405,8 @@ class Forwarder:
             self._evict()
         # Stored with the lowercased question, as the key has it.
         body = reply[2:12] + key[10 : 10 + qlen] + reply[12 + qlen :]
-        self.cache[key] = CachedAnswer(body, qlen, ttl, self._clock())
+        stat = self.stat_ids.id(_stat_of(body, qlen))
+        self.cache[key] = CachedAnswer(body, qlen, ttl, self._clock(), stat=stat)
 
     def _evict(self) -> None:
         """Drop expired entries past any stale window, else the oldest stored."""
@@ -579,6 +551,13 @@ class Forwarder:
                 continue
             return response
         raise UpstreamFailedError(last_error)
+
+
+def _stat_of(body: bytes, qlen: int) -> StatKey:
+    """What a cached answer's UDP hits count under (body: the reply after its ID)."""
+    qtype = struct.unpack_from("!H", body, 10 + qlen - 4)[0]
+    answered = struct.unpack_from("!H", body, 4)[0] > 0
+    return (False, known_qtype(qtype), body[1] & 0xF, ".", answered)
 
 
 def _failure_reason(exc: BaseException) -> str:

@@ -38,6 +38,7 @@ class UdpProtocol(asyncio.DatagramProtocol):
         key = data[2:]
         entry = self._cache.get(key)
         if entry is not None and (sched := entry.sched) is not None:
+            entry.hits += 1  # all the metrics cost here: summed at scrape time
             reply: bytes | Forward | None = data[:2] + sched[next(entry.counter) % entry.n]
         elif entry is not None:
             reply = entry.reply(data, addr[0])
@@ -48,6 +49,7 @@ class UdpProtocol(asyncio.DatagramProtocol):
             and fwd.decisions.get(addr[0])
         ):
             # A forwarded name from the forwarding cache, patched this second.
+            hit.hits += 1
             reply = data[:2] + hit.cur
         else:
             reply = self._slow(data, addr[0], tcp=False)
