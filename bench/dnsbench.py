@@ -39,26 +39,18 @@ Usage: ``python bench/dnsbench.py [--seconds N] [--quick]``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import re
-import resource
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import Any, TextIO
+from typing import Any
 
 import dns.exception
 import dns.flags
@@ -66,6 +58,24 @@ import dns.message
 import dns.query
 import dns.rcode
 import dns.rdatatype
+from common import (
+    Server,
+    children_cpu,
+    cpu_model,
+    dnsperf_argv,
+    dnsperf_version,
+    first_line,
+    fmt,
+    free_port,
+    parse_dnsperf,
+    percentile_ms,
+    pinning,
+    sigterm_as_exit,
+    start_resolverd,
+    udp_rcvbuf_errors,
+    warm_up,
+    which,
+)
 
 HOST = "127.0.0.1"  # the only address anything binds to or queries
 DOMAIN = "bench.internal"
@@ -159,114 +169,6 @@ def write_query_file(path: Path, services: Sequence[str], qtype: str) -> None:
 
 
 # --------------------------------------------------------------------------- servers
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP on HOST (dnsmasq binds both)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind((HOST, 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind((HOST, port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port on 127.0.0.1")
-
-
-class Server:
-    """A server subprocess whose output is drained into memory by a thread."""
-
-    def __init__(self, name: str, argv: list[str]) -> None:
-        self.name = name
-        self.argv = argv
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-        )
-        self._reader = threading.Thread(
-            target=self._drain, args=(self.proc.stdout,), name=f"{name}-output", daemon=True
-        )
-        self._reader.start()
-
-    def _drain(self, stream: TextIO) -> None:
-        for line in stream:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
-    def wait_for_line(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        seen = 0
-        with self._cond:
-            while True:
-                for line in self.lines[seen:]:
-                    match = pattern.search(line)
-                    if match:
-                        return match
-                seen = len(self.lines)
-                remaining = deadline - time.monotonic()
-                if self.proc.poll() is not None and not self._reader.is_alive():
-                    raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{self.log}")
-                if remaining <= 0:
-                    raise RuntimeError(f"{self.name}: timed out waiting for {pattern.pattern}")
-                self._cond.wait(min(remaining, 0.2))
-
-    @property
-    def log(self) -> str:
-        with self._cond:
-            return "\n".join(self.lines[-40:])
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{self.log}")
-
-    def cpu_seconds(self) -> float:
-        """user + system CPU time of the process (all threads) so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-        return ticks / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self._reader.join(timeout=2)
-
-
-LISTENING_RE = re.compile(r'^\{.*"event": "dns\.listening".*\}$')
-
-
-def start_resolverd(exe: str, config: Path, pin: list[str]) -> tuple[Server, int]:
-    server = Server("resolverd", [*pin, exe, "run", "-c", str(config)])
-    deadline = time.monotonic() + 30
-    while True:
-        server.wait_for_line(LISTENING_RE, timeout=max(0.1, deadline - time.monotonic()))
-        for line in list(server.lines):
-            if not LISTENING_RE.match(line):
-                continue
-            event = json.loads(line)
-            if event.get("proto") == "udp":
-                if event.get("address") != HOST:
-                    raise RuntimeError(f"resolverd listens on {event.get('address')}, not {HOST}")
-                return server, int(event["port"])
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"resolverd logged no UDP dns.listening event:\n{server.log}")
-        time.sleep(0.05)
 
 
 def start_dnsmasq(exe: str, config: Path, workdir: Path, pin: list[str]) -> tuple[Server, int]:
@@ -427,104 +329,6 @@ class RunResult:
     warnings: list[str] = field(default_factory=list)
 
 
-STAT_PATTERNS = {
-    "sent": re.compile(r"Queries sent:\s+(\d+)"),
-    "completed": re.compile(r"Queries completed:\s+(\d+)"),
-    "lost": re.compile(r"Queries lost:\s+(\d+)"),
-    "runtime": re.compile(r"Run time \(s\):\s+([\d.]+)"),
-    "qps": re.compile(r"Queries per second:\s+([\d.]+)"),
-    "avg": re.compile(r"Average Latency \(s\):\s+([\d.]+) \(min ([\d.]+), max ([\d.]+)\)"),
-    "stddev": re.compile(r"Latency StdDev \(s\):\s+([\d.]+)"),
-    "size": re.compile(r"Average packet size:\s+request (\d+), response (\d+)"),
-    "rcodes": re.compile(r"Response codes:\s+(.*)"),
-}
-RCODE_RE = re.compile(r"([A-Z]+) (\d+) \(")
-
-
-def dnsperf_argv(
-    dnsperf: str, pin: list[str], port: int, qfile: Path, seconds: float, args: argparse.Namespace
-) -> list[str]:
-    # No -Q: no rate limit. -q outstanding queries keep the server busy all the time.
-    return [
-        *pin,
-        dnsperf,
-        "-s",
-        HOST,
-        "-p",
-        str(port),
-        "-d",
-        str(qfile),
-        "-l",
-        f"{seconds:g}",
-        "-c",
-        str(args.clients),
-        "-q",
-        str(args.outstanding),
-        "-T",
-        "1",
-    ]
-
-
-def percentile_ms(histogram: Counter[int], total: int, permille: int) -> float | None:
-    """Nearest-rank percentile (``permille`` 990 is p99) of µs-resolution samples, in ms."""
-    if total == 0:
-        return None
-    rank = max(1, -(-total * permille // 1000))  # ceil(total * permille / 1000)
-    seen = 0
-    for micros in sorted(histogram):
-        seen += histogram[micros]
-        if seen >= rank:
-            return micros / 1000
-    return max(histogram) / 1000
-
-
-def parse_dnsperf(path: Path) -> tuple[dict[str, Any], Counter[int], Counter[str]]:
-    """Summary stats, a latency histogram (µs -> count) and rcodes from `dnsperf -v` output.
-
-    Verbose lines are ``> RCODE name type latency-seconds`` (``> T name type`` for a
-    timeout), printed with microsecond precision.
-    """
-    histogram: Counter[int] = Counter()
-    verbose_rcodes: Counter[str] = Counter()
-    other: list[str] = []
-    with path.open() as fh:
-        for line in fh:
-            if line.startswith("> "):
-                parts = line.split()
-                if len(parts) == 5:
-                    histogram[round(float(parts[4]) * 1_000_000)] += 1
-                verbose_rcodes[parts[1]] += 1
-            else:
-                other.append(line)
-    text = "".join(other)
-    stats: dict[str, Any] = {}
-    for key, pattern in STAT_PATTERNS.items():
-        match = pattern.search(text)
-        if match is None:
-            raise RuntimeError(f"dnsperf output has no {key!r} line:\n{text[-2000:]}")
-        stats[key] = match.groups()
-    stats["rcodes"] = {code: int(n) for code, n in RCODE_RE.findall(stats["rcodes"][0])}
-    return stats, histogram, verbose_rcodes
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def udp_rcvbuf_errors() -> int | None:
-    """The kernel's count of UDP datagrams dropped for a full socket receive buffer."""
-    try:
-        rows = [
-            line.split()
-            for line in Path("/proc/net/snmp").read_text().splitlines()
-            if line.startswith("Udp:")
-        ]
-        return int(rows[1][rows[0].index("RcvbufErrors")])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def run_dnsperf(
     *,
     dnsperf: str,
@@ -596,43 +400,7 @@ def run_dnsperf(
     )
 
 
-def warm_up(
-    dnsperf: str, pin: list[str], port: int, qfile: Path, seconds: float, a: argparse.Namespace
-) -> None:
-    argv = dnsperf_argv(dnsperf, pin, port, qfile, seconds, a)
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"dnsperf warm-up failed ({proc.returncode}): {proc.stderr.strip()}")
-
-
 # --------------------------------------------------------------------------- reporting
-
-
-def first_line(argv: list[str]) -> str:
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
-    except OSError as exc:
-        return f"unknown ({exc})"
-    text = (proc.stdout or proc.stderr).strip()
-    return text.splitlines()[0] if text else "unknown"
-
-
-def dnsperf_version(dnsperf: str) -> str:
-    proc = subprocess.run([dnsperf, "-h"], capture_output=True, text=True, check=False)
-    match = re.search(r"Version (\S+)", proc.stdout + proc.stderr)
-    return f"dnsperf {match.group(1)}" if match else "dnsperf (unknown version)"
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def fmt(value: float | None, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def render_table(results: Sequence[RunResult]) -> list[str]:
@@ -694,51 +462,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def which(name: str, what: str) -> str:
-    path = shutil.which(name) or (name if os.access(name, os.X_OK) else None)
-    if path is None:
-        raise SystemExit(f"dnsbench: {what} not found ({name}); `make bench-deps` installs it")
-    return path
-
-
-def pinning(disabled: bool) -> tuple[list[str], list[str], str]:
-    """taskset prefixes for the servers and for dnsperf, and a sentence saying so."""
-    taskset = shutil.which("taskset")
-    cpus = sorted(os.sched_getaffinity(0))
-    if disabled:
-        return [], [], "no CPU pinning (--no-pin)"
-    if taskset is None or len(cpus) < 2:
-        why = "taskset not found" if taskset is None else f"only {len(cpus)} CPU available"
-        return [], [], f"no CPU pinning ({why}): servers and dnsperf share the CPUs"
-    server_cpu, load_cpu = cpus[0], cpus[1]
-    return (
-        [taskset, "-c", str(server_cpu)],
-        [taskset, "-c", str(load_cpu)],
-        f"servers pinned to CPU {server_cpu} (one loaded at a time), "
-        f"dnsperf to CPU {load_cpu} (taskset)",
-    )
-
-
-@contextlib.contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit so the servers are stopped by `finally`."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    resolverd = which(args.resolverd, "resolverd")
-    dnsmasq = which(args.dnsmasq, "dnsmasq")
-    dnsperf = which(args.dnsperf, "dnsperf")
-    server_pin, load_pin, pin_note = pinning(args.no_pin)
+    resolverd = which(args.resolverd, "resolverd", "dnsbench")
+    dnsmasq = which(args.dnsmasq, "dnsmasq", "dnsbench")
+    dnsperf = which(args.dnsperf, "dnsperf", "dnsbench")
+    server_pin, load_pin, pin_note = pinning(
+        args.no_pin,
+        "servers and dnsperf share the CPUs",
+        "servers pinned to CPU {server} (one loaded at a time), dnsperf to CPU {load} (taskset)",
+    )
     warmup = min(args.warmup, args.seconds)
 
     instances = make_instances(args.services)
@@ -780,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for qtype, path in qfiles.items():
                 write_query_file(path, services, qtype)
 
-            rserver, rport = start_resolverd(resolverd, rconf, server_pin)
+            rserver, rport = start_resolverd([resolverd], rconf, server_pin)
             servers.append(rserver)
             dserver, dport = start_dnsmasq(dnsmasq, dconf, workdir, server_pin)
             servers.append(dserver)

@@ -93,11 +93,18 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, TextIO
+
+from common import (
+    cpu_model,
+    fmt,
+    pinning,
+    proc_cpu_seconds,
+    sigterm_as_exit,
+)
 
 HOST = "127.0.0.1"  # the only address anything binds to or connects to
 DOMAIN = "bench.internal"
@@ -279,12 +286,6 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------- load (--load TEST)
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """user + system CPU time of a process (all threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def self_cpu_seconds() -> float:
@@ -902,18 +903,6 @@ def protobuf_backend() -> str:
         return "unknown"
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def fmt(value: float | None, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
 def render_table(results: Sequence[RunResult]) -> list[str]:
     header = (
         f"{'test':<12}  {'method':<30}  {'qps':>9}  {'events/s':>10}  {'avg ms':>7}  "
@@ -1030,37 +1019,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def pinning(disabled: bool) -> tuple[list[str], list[str], str]:
-    """taskset prefixes for the server and for the load generators, and a sentence."""
-    taskset = shutil.which("taskset")
-    cpus = sorted(os.sched_getaffinity(0))
-    if disabled:
-        return [], [], "no CPU pinning (--no-pin)"
-    if taskset is None or len(cpus) < 2:
-        why = "taskset not found" if taskset is None else f"only {len(cpus)} CPU available"
-        return [], [], f"no CPU pinning ({why}): server and load generator share the CPUs"
-    server_cpu, load_cpu = cpus[0], cpus[1]
-    return (
-        [taskset, "-c", str(server_cpu)],
-        [taskset, "-c", str(load_cpu)],
-        f"server pinned to CPU {server_cpu}, load generator to CPU {load_cpu} (taskset)",
-    )
-
-
-@contextlib.contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit so the server is stopped by `finally`."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve:
@@ -1068,7 +1026,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.load:
         return load_main(args)
 
-    server_pin, load_pin, pin_note = pinning(args.no_pin)
+    server_pin, load_pin, pin_note = pinning(
+        args.no_pin,
+        "server and load generator share the CPUs",
+        "server pinned to CPU {server}, load generator to CPU {load} (taskset)",
+    )
     versions = {
         "resolverd": package_version("resolverd"),
         "grpcio": package_version("grpcio"),

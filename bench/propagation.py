@@ -46,7 +46,6 @@ import platform
 import random
 import re
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -57,8 +56,9 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
+
+from common import proc_cpu_seconds, sigterm_as_exit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -202,8 +202,7 @@ class Daemon:
 
     def cpu_seconds(self) -> float:
         """user + system CPU time of the daemon so far (all threads)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return proc_cpu_seconds(self.proc.pid)
 
     def tail(self, lines: int = 30) -> str:
         with contextlib.suppress(OSError):
@@ -613,18 +612,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def default_tmp() -> str | None:
     shm = "/dev/shm"
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
-
-
-@contextlib.contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
