@@ -64,6 +64,13 @@ class DaemonThread:
 
 
 def config_from(data: dict[str, Any], *, file: str = "test.yaml") -> Config:
+    return parse_config(for_tests(data), file=file)
+
+
+def for_tests(data: dict[str, Any]) -> dict[str, Any]:
+    """A config made safe for a test: every listener on 127.0.0.1:0, no
+    forwarding to the machine's resolvers, state files in a temp folder.
+    For in-process daemons and for `resolverd run` subprocesses alike."""
     data = dict(data)
     dns = dict(data.get("dns") or {})
     # Tests never take a fixed port: the example's 5354 is `make run`'s.
@@ -77,7 +84,6 @@ def config_from(data: dict[str, Any], *, file: str = "test.yaml") -> Config:
     data["dns"] = dns
     api = dict(data.get("api") or {})
     api["listen"] = "127.0.0.1:0"  # examples name 50051: `make run`'s, never the tests'
-
     data["api"] = api
     metrics = dict(data.get("metrics") or {})
     if metrics.get("enabled", True) and "listen" not in metrics:
@@ -87,7 +93,7 @@ def config_from(data: dict[str, Any], *, file: str = "test.yaml") -> Config:
     if "state_file" not in registrations:
         registrations["state_file"] = os.path.join(tempfile.mkdtemp(), "registrations.json")
     data["registrations"] = registrations
-    return parse_config(data, file=file)
+    return data
 
 
 def load_example(name: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import EXAMPLES, need
+from tests.conftest import EXAMPLES, for_tests, need
 
 RESOLVERD = [sys.executable, "-m", "resolverd"]
 
@@ -74,9 +74,7 @@ def test_unreachable_consul_still_starts_serves_others_and_reports_stale(
         {"type": "consul", "consul": consul},
         {"type": "static", "static_services": static["static_services"]},
     ]
-    data["dns"]["listen"] = "127.0.0.1:0"
-    data["api"] = {"listen": "127.0.0.1:0"}
-    data["metrics"] = {"listen": "127.0.0.1:0"}
+    data = for_tests(data)
     data["registrations"] = {"state_file": str(tmp_path / "registrations.json")}
     path = tmp_path / "consul.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -142,9 +140,7 @@ def test_unreachable_consul_still_starts_serves_others_and_reports_stale(
 
 def test_run_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
     data = yaml.safe_load((EXAMPLES / "static.yaml").read_text())
-    data["dns"]["listen"] = "127.0.0.1:0"
-    data["api"] = {"listen": "127.0.0.1:0"}
-    data["metrics"] = {"listen": "127.0.0.1:0"}
+    data = for_tests(data)
     path = tmp_path / "static.yaml"
     path.write_text(yaml.safe_dump(data))
     proc = subprocess.Popen(

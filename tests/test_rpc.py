@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from resolverd.api.v1 import resolver_pb2 as pb
 from resolverd.api.v1 import resolver_pb2_grpc as pb_grpc
 from resolverd.model import Health, Instance
-from tests.conftest import EXAMPLES, DaemonThread, load_example, need
+from tests.conftest import EXAMPLES, DaemonThread, for_tests, load_example, need
 from tests.test_dns import inst, services
 
 Start = Callable[[dict[str, Any]], DaemonThread]
@@ -464,9 +464,7 @@ async def test_registrations_survive_restart(start_daemon: Start, tmp_path: Path
 
 def test_registrations_survive_kill_9(tmp_path: Path) -> None:
     data = yaml.safe_load((EXAMPLES / "static.yaml").read_text())
-    data["dns"]["listen"] = "127.0.0.1:0"
-    data["api"] = {"listen": "127.0.0.1:0"}
-    data["metrics"] = {"listen": "127.0.0.1:0"}
+    data = for_tests(data)
     data["registrations"] = {"state_file": str(tmp_path / "state" / "reg.json")}
     path = tmp_path / "static.yaml"
     path.write_text(yaml.safe_dump(data))
